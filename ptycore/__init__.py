@@ -1,0 +1,3 @@
+"""ptycore: workflow-managed electron ptychography with JAX solvers."""
+
+__version__ = "0.1.0"

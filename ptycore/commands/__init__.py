@@ -1,0 +1,1 @@
+"""CLI verbs: one module per verb (see ptycore.cli)."""
