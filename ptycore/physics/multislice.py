@@ -76,7 +76,8 @@ def intensities(optics: Optics, object_amplitude, object_phase, probe, positions
     return jnp.sum(jnp.abs(far_field) ** 2, axis=(1, 2))
 
 
-def diffraction_patterns(optics: Optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad, slice_thickness_A):
+def diffraction_patterns(optics: Optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad,
+                         slice_thickness_A):
     """Like :func:`intensities` but with zero frequency at the centre, as a detector records it."""
     out = intensities(optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad, slice_thickness_A)
     return jnp.fft.fftshift(out, axes=(-2, -1))

@@ -1,0 +1,1 @@
+"""Reconstruction: state, losses, constraints, grouping, engines and the stage runner."""

@@ -1,0 +1,28 @@
+# The two commands of the README. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean-results
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[sim,dev]"
+	touch $(STAMP)
+
+## demo: set up and run the main job on the embedded default (simulated data, local profile, whole DAG)
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ptycore.demo
+
+## test: set up and pass the tests
+test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not gpu and not mpi and not slurm" ; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check ptycore tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/forward.py

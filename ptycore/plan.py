@@ -1,0 +1,379 @@
+"""Reconstruction plans: ordered stages, validated with pydantic before any compute.
+
+A plan is YAML::
+
+    name: gradient-single-slice
+    seed: 0
+    stages:
+      - name: main
+        engine: gradient
+        iterations: 200
+        batch_size: 32
+        grouping: random            # random | compact | sparse
+        resample: {probe_modes: 4, slices: 1, object_pad_px: 0}
+        optimize:                   # per parameter: optimizer, lr, start/stop iteration, lr schedule
+          object_phase: {optimizer: adam, lr: 0.02}
+          probe: {optimizer: adam, lr: 0.02, start: 5}
+          positions: {optimizer: adam, lr: 0.01, start: 10}
+        losses:                     # weight: a number or a schedule
+          single: 1.0
+          pacbed: 0.5
+          sparse: {schedule: linear, start: 0.0, end: 0.1, from_iter: 0, to_iter: 100}
+        constraints:
+          probe_orthogonalize: {every: 1}
+          object_amplitude_bounds: {every: 1, min: 0.0, max: 1.0}
+
+Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ptycore.errors import InvalidPlan
+
+PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions", "tilts", "slice_thickness")
+LOSSES = ("single", "poisson", "anscombe", "pacbed", "sparse", "tv_xy", "tv_z", "surface_zero", "l2")
+ENGINES = ("gradient", "epie", "lsqml", "lm", "dgp")
+IMPLEMENTED_ENGINES = ("gradient",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- schedules
+class Schedule(_Strict):
+    """A value that changes with the iteration (within a stage, iteration counted from 0).
+
+    constant: ``value``; linear: ``start`` → ``end`` between ``from_iter`` and ``to_iter``;
+    step: ``start`` before ``at_iter`` and ``end`` from it; cosine: half-cosine from ``start``
+    to ``end`` between ``from_iter`` and ``to_iter``; piecewise: ``points`` [[iter, value], ...]
+    linearly interpolated (held constant outside).
+    """
+
+    schedule: Literal["constant", "linear", "step", "cosine", "piecewise"] = "constant"
+    value: float | None = None
+    start: float | None = None
+    end: float | None = None
+    from_iter: int = Field(default=0, ge=0)
+    to_iter: int | None = Field(default=None, ge=0)
+    at_iter: int | None = Field(default=None, ge=0)
+    points: list[tuple[int, float]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        kind = self.schedule
+        need = {
+            "constant": ("value",),
+            "linear": ("start", "end", "to_iter"),
+            "cosine": ("start", "end", "to_iter"),
+            "step": ("start", "end", "at_iter"),
+            "piecewise": ("points",),
+        }[kind]
+        for key in need:
+            if getattr(self, key) is None:
+                raise ValueError(f"a {kind} schedule needs {key!r}")
+        if kind in ("linear", "cosine") and self.to_iter <= self.from_iter:
+            raise ValueError("to_iter must be > from_iter")
+        if kind == "piecewise":
+            its = [p[0] for p in self.points]
+            if its != sorted(its) or len(set(its)) != len(its):
+                raise ValueError("piecewise points must have strictly increasing iterations")
+        return self
+
+    def values(self) -> list[float]:
+        return [v for v in (self.value, self.start, self.end) if v is not None] + [p[1] for p in self.points or []]
+
+    def at(self, it: int) -> float:
+        k = self.schedule
+        if k == "constant":
+            return float(self.value)
+        if k == "step":
+            return float(self.start if it < self.at_iter else self.end)
+        if k == "piecewise":
+            its = [p[0] for p in self.points]
+            vals = [p[1] for p in self.points]
+            if it <= its[0]:
+                return float(vals[0])
+            if it >= its[-1]:
+                return float(vals[-1])
+            for (i0, v0), (i1, v1) in zip(self.points[:-1], self.points[1:], strict=True):
+                if i0 <= it <= i1:
+                    return float(v0 + (v1 - v0) * (it - i0) / (i1 - i0))
+        t = min(max((it - self.from_iter) / (self.to_iter - self.from_iter), 0.0), 1.0)
+        if k == "cosine":
+            t = 0.5 * (1 - math.cos(math.pi * t))
+        return float(self.start + (self.end - self.start) * t)
+
+
+def _as_schedule(v: Any) -> Any:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"schedule": "constant", "value": float(v)}
+    return v
+
+
+# ---------------------------------------------------------------- optimisation
+class ParameterOptimizer(_Strict):
+    """How one parameter learns: optimiser, learning rate (optionally scheduled), onset/stop."""
+
+    optimizer: Literal["adam", "sgd", "momentum"] = "adam"
+    lr: Annotated[Schedule, Field(description="step size in the parameter's units")]
+    start: int = Field(default=0, ge=0, description="first iteration that updates this parameter")
+    stop: int | None = Field(default=None, ge=1, description="iteration from which it is frozen again")
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    b1: float = Field(default=0.9, ge=0, lt=1)
+    b2: float = Field(default=0.999, ge=0, lt=1)
+
+    _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
+
+    @field_validator("lr", mode="after")
+    @classmethod
+    def _non_negative(cls, v):
+        if any(x < 0 for x in v.values()):
+            raise ValueError("must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop must be > start")
+        return self
+
+    def lr_at(self, it: int) -> float:
+        if it < self.start or (self.stop is not None and it >= self.stop):
+            return 0.0
+        return self.lr.at(it)
+
+    def active_at(self, it: int) -> bool:
+        return self.start <= it and (self.stop is None or it < self.stop)
+
+
+class Loss(_Strict):
+    weight: Schedule
+
+    _w = field_validator("weight", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
+
+    @field_validator("weight", mode="after")
+    @classmethod
+    def _non_negative(cls, v):
+        if any(x < 0 for x in v.values()):
+            raise ValueError("must be >= 0")
+        return v
+
+
+# ---------------------------------------------------------------- constraints
+class Constraint(_Strict):
+    every: int = Field(default=1, ge=1, description="apply after every N-th iteration")
+    start: int = Field(default=0, ge=0)
+    stop: int | None = Field(default=None, ge=1)
+
+    def due(self, it: int) -> bool:
+        return it >= self.start and (self.stop is None or it < self.stop) and (it - self.start) % self.every == 0
+
+
+class ProbeOrthogonalize(Constraint):
+    pass
+
+
+class ProbeAperture(Constraint):
+    """Zero the probe's Fourier components beyond ``scale`` × the convergence angle."""
+
+    scale: float = Field(default=1.1, gt=0)
+
+
+class ProbeIntensity(Constraint):
+    """Rescale the probe to the data's mean total counts."""
+
+
+class AmplitudeBounds(Constraint):
+    min: float = Field(default=0.0, ge=0)
+    max: float = Field(default=1.0, gt=0)
+
+
+class PhasePositive(Constraint):
+    pass
+
+
+class KzFilter(Constraint):
+    """Missing-wedge filter on the object phase across slices (needs >= 2 slices)."""
+
+    beta: float = Field(default=0.1, gt=0, description="strength (wedge sharpness)")
+    alpha: float = Field(default=1.0, ge=0, description="lateral weight of the wedge")
+
+
+class LateralBlur(Constraint):
+    sigma_px: float = Field(default=0.5, gt=0)
+
+
+class ZBlur(Constraint):
+    sigma_slices: float = Field(default=1.0, gt=0)
+
+
+class PhaseRampRemoval(Constraint):
+    pass
+
+
+class PositionRecenter(Constraint):
+    pass
+
+
+class TiltSmooth(Constraint):
+    sigma_px: float = Field(default=2.0, gt=0, description="Gaussian over the scan grid (per-position tilts)")
+
+
+class Constraints(_Strict):
+    probe_orthogonalize: ProbeOrthogonalize | None = None
+    probe_aperture: ProbeAperture | None = None
+    probe_intensity: ProbeIntensity | None = None
+    object_amplitude_bounds: AmplitudeBounds | None = None
+    phase_positive: PhasePositive | None = None
+    kz_filter: KzFilter | None = None
+    lateral_blur: LateralBlur | None = None
+    z_blur: ZBlur | None = None
+    phase_ramp_removal: PhaseRampRemoval | None = None
+    position_recenter: PositionRecenter | None = None
+    tilt_smooth: TiltSmooth | None = None
+
+    def active(self) -> dict[str, Constraint]:
+        return {k: v for k, v in self if v is not None}
+
+
+class Resample(_Strict):
+    """How the incoming state is changed when the stage starts."""
+
+    probe_modes: int | None = Field(default=None, ge=1, le=32)
+    slices: int | None = Field(default=None, ge=1, le=512)
+    object_pad_px: int = Field(default=0, ge=0)
+    tilts: Literal["global", "per_position"] | None = None
+
+
+class Stage(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    engine: Literal["gradient", "epie", "lsqml", "lm", "dgp"] = "gradient"
+    iterations: int = Field(ge=1, le=100000)
+    batch_size: int = Field(default=32, ge=1)
+    grouping: Literal["random", "compact", "sparse"] = "random"
+    resample: Resample = Field(default_factory=Resample)
+    optimize: dict[str, ParameterOptimizer]
+    losses: dict[str, Loss] = Field(default_factory=lambda: {"single": Loss(weight=1.0)})
+    constraints: Constraints = Field(default_factory=Constraints)
+    checkpoint_every: int = Field(default=20, ge=1)
+    validation_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="positions held out of updates")
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _loss_shorthand(cls, v):
+        if isinstance(v, dict):
+            return {k: ({"weight": w} if not isinstance(w, dict) or "weight" not in w else w) for k, w in v.items()}
+        return v
+
+    @field_validator("optimize")
+    @classmethod
+    def _known_parameters(cls, v):
+        for key in v:
+            if key not in PARAMETERS:
+                raise ValueError(f"unknown parameter {key!r}{_hint(key, PARAMETERS)}")
+        if not v:
+            raise ValueError("at least one parameter must be optimised")
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v):
+        for key in v:
+            if key not in LOSSES:
+                raise ValueError(f"unknown loss {key!r}{_hint(key, LOSSES)}")
+        if not any(k in v for k in ("single", "poisson", "anscombe")):
+            raise ValueError("needs a data-fit loss: one of single, poisson, anscombe")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _implemented(cls, v):
+        if v not in IMPLEMENTED_ENGINES:
+            raise ValueError(f"engine {v!r} is not available yet (available: {', '.join(IMPLEMENTED_ENGINES)})")
+        return v
+
+
+class Plan(_Strict):
+    name: str = "plan"
+    seed: int = 0
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stage names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise InvalidPlan(f"no stage named {name!r} (stages: {', '.join(s.name for s in self.stages)})")
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return "sha256:" + hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def _hint(key: str, known) -> str:
+    m = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {m[0]!r}?)" if m else f" (known: {', '.join(known)})"
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_check(), Schedule]",) or str(part).startswith(("function-", "constrained")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif first["type"] == "greater_than_equal":
+        msg = f"must be >= {first['ctx']['ge']}"
+    return f"{source}: {_loc(first['loc'])}: {msg}"
+
+
+def parse_plan(record: Any, source: str = "plan") -> Plan:
+    if not isinstance(record, dict):
+        raise InvalidPlan(f"{source}: a plan is a mapping with 'stages', got {type(record).__name__}")
+    try:
+        return Plan.model_validate(record)
+    except ValidationError as err:
+        raise InvalidPlan(format_validation_error(err, source)) from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidPlan(f"{path}: plan file not found")
+    try:
+        record = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InvalidPlan(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_plan(record, str(path))

@@ -1,0 +1,93 @@
+"""What an engine needs to know about the experiment besides the state (static per stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from ptycore.errors import InvalidData
+from ptycore.physics.grid import Grid
+from ptycore.physics.multislice import Optics
+from ptycore.store import open_store
+
+
+@dataclass
+class Measurement:
+    """Prepared diffraction data: intensities in FFT order (zero frequency at [0, 0])."""
+
+    intensities: jnp.ndarray  # (n_pos, ky, kx) float32
+    pixel_size_A: float
+    energy_kv: float
+    convergence_mrad: float
+    scan_shape: tuple[int, int]
+    source: str = ""
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.intensities.shape[0])
+
+    @property
+    def detector_shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.intensities.shape[1:])
+
+    @property
+    def mean_counts(self) -> float:
+        return float(jnp.mean(jnp.sum(self.intensities, axis=(1, 2))))
+
+
+def load_measurement(path) -> Measurement:
+    """Read a prepared store (see DESIGN): patterns are shifted to FFT order once, here."""
+    group = open_store(path)
+    if "patterns" not in group:
+        raise InvalidData(f"{path}: no 'patterns' array (is this a prepared store?)")
+    attrs = dict(group.attrs)
+    for key in ("pixel_size_A", "metadata"):
+        if key not in attrs:
+            raise InvalidData(f"{path}: attribute {key!r} is missing (run 'ptycore preprocess' first)")
+    meta = attrs["metadata"]
+    patterns = np.asarray(group["patterns"][...], np.float32)
+    if patterns.ndim != 3:
+        raise InvalidData(f"{path}: patterns must be (n_pos, ky, kx), got {patterns.shape}")
+    if not np.all(np.isfinite(patterns)):
+        raise InvalidData(f"{path}: patterns contain NaN or Inf")
+    return Measurement(
+        intensities=jnp.asarray(np.fft.ifftshift(np.clip(patterns, 0, None), axes=(-2, -1))),
+        pixel_size_A=float(attrs["pixel_size_A"]),
+        energy_kv=float(meta["energy_kv"]),
+        convergence_mrad=float(meta["convergence_mrad"]),
+        scan_shape=tuple(attrs.get("scan_shape", meta.get("scan_shape"))),
+        source=str(path),
+    )
+
+
+@dataclass
+class Context:
+    """Static per-stage context shared by engines and constraints."""
+
+    optics: Optics
+    pixel_size_A: float
+    convergence_mrad: float
+    mean_counts: float
+    scan_shape: tuple[int, int]
+    initial_positions_A: jnp.ndarray
+    scan_weight: jnp.ndarray  # (Hy, Wx) 1 where probe centres have been, 0 elsewhere
+
+    @classmethod
+    def build(cls, measurement: Measurement, positions_A, object_shape, bandlimit=2 / 3):
+        grid = Grid(measurement.detector_shape, measurement.pixel_size_A)
+        pos_px = np.asarray(positions_A) / measurement.pixel_size_A
+        hy, wx = object_shape
+        y, x = np.arange(hy)[:, None], np.arange(wx)[None, :]
+        lo, hi = pos_px.min(axis=0), pos_px.max(axis=0)
+        weight = ((y >= lo[0]) & (y <= hi[0]) & (x >= lo[1]) & (x <= hi[1])).astype(np.float32)
+        return cls(
+            optics=Optics(grid, measurement.energy_kv, bandlimit),
+            pixel_size_A=measurement.pixel_size_A,
+            convergence_mrad=measurement.convergence_mrad,
+            mean_counts=measurement.mean_counts,
+            scan_shape=measurement.scan_shape,
+            initial_positions_A=jnp.asarray(positions_A, jnp.float32),
+            scan_weight=jnp.asarray(weight),
+        )

@@ -1,0 +1,106 @@
+"""Run a plan end to end: validate everything, run stages, write the result store atomically."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ptycore.errors import InvalidData
+from ptycore.plan import load_plan
+from ptycore.recon.context import load_measurement
+from ptycore.recon.runner import run_stage
+from ptycore.recon.state import load_state, write_state
+from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
+
+
+def check_compatible(state, init_pixel_A: float, measurement, init_path, data_path) -> None:
+    if abs(init_pixel_A - measurement.pixel_size_A) > 1e-6 * measurement.pixel_size_A:
+        raise InvalidData(f"{init_path}: pixel_size_A {init_pixel_A:.6g} differs from {data_path}'s "
+                          f"{measurement.pixel_size_A:.6g}")
+    if tuple(state.probe.shape[1:]) != measurement.detector_shape:
+        raise InvalidData(f"{init_path}: probe window {tuple(state.probe.shape[1:])} differs from the detector "
+                          f"{measurement.detector_shape} of {data_path}")
+    if state.positions_A.shape[0] != measurement.n_positions:
+        raise InvalidData(f"{init_path}: {state.positions_A.shape[0]} positions but {data_path} has "
+                          f"{measurement.n_positions} patterns")
+
+
+def write_history(group, records) -> None:
+    """history/<term> arrays, concatenated over the stages run, plus history/stage (index per iteration)."""
+    terms = sorted({k for r in records for k in r.history})
+    stage_index = np.concatenate([np.full(len(r.history.get("s_per_iter", [])), i) for i, r in enumerate(records)])
+    write_array(group, "history/stage", stage_index.astype(np.int32))
+    for term in terms:
+        rows = []
+        for r in records:
+            n = len(r.history.get("s_per_iter", []))
+            values = r.history.get(term)
+            if values is None:
+                values = [np.nan] * n
+            rows.extend(values)
+        if term == "probe_mode_powers":  # ragged over stages that change the mode count
+            width = max(len(v) for v in rows)
+            rows = [list(v) + [np.nan] * (width - len(v)) for v in rows]
+        write_array(group, f"history/{term}", np.asarray(rows, np.float32))
+
+
+def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
+                seed=None, progress=True) -> Path:
+    started = now_iso()
+    plan = load_plan(plan_path)
+    if seed is not None:
+        plan = plan.model_copy(update={"seed": seed})
+    stages = [plan.stage(stage)] if stage else list(plan.stages)
+    measurement = load_measurement(data_path)
+    state, pixel_A = load_state(init_path)
+    check_compatible(state, pixel_A, measurement, init_path, data_path)
+    init_attrs = dict(open_store(init_path).attrs)
+    plan_hash = plan.hash()
+    records = []
+    with atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        for stage_cfg in stages:
+            index = plan.stages.index(stage_cfg)
+            state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
+                                      workdir=tmp, resume=resume, progress=progress)
+            records.append(record)
+        group = create_store(tmp / "result.zarr.tmp")
+        write_state(group, state)
+        write_history(group, records)
+        device = jax.devices()[0]
+        group.attrs.update({
+            "pixel_size_A": pixel_A,
+            "stages": [r.name for r in records],
+            "provenance": provenance(
+                verb="reconstruct",
+                plan=plan.resolved(),
+                plan_hash=plan_hash,
+                stages_run=[r.name for r in records],
+                inputs={str(data_path): checksum(data_path), str(init_path): checksum(init_path)},
+                upstream=init_attrs.get("provenance"),
+                device_kind=device.device_kind,
+                platform=device.platform,
+                machine=platform.machine(),
+                seed=plan.seed,
+                started=started,
+                finished=now_iso(),
+                wall_seconds=time.perf_counter() - t0,
+                stage_timings={r.name: {"seconds": r.seconds, "first_iteration_seconds": r.compile_seconds,
+                                        "iterations": r.iterations, "compilations": r.compilations,
+                                        "resumed_from": r.resumed_from} for r in records},
+                compilations=sum(r.compilations for r in records),
+            ),
+        })
+        # the store is the output: move it up, drop the checkpoints
+        import shutil
+
+        final = tmp.with_name(tmp.name + ".store")
+        shutil.move(str(tmp / "result.zarr.tmp"), final)
+        shutil.rmtree(tmp)
+        final.rename(tmp)
+    return Path(out_path)

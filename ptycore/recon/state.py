@@ -1,0 +1,150 @@
+"""Reconstruction state (a pytree), its store I/O, and resampling between stages."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ptycore.errors import InvalidData
+from ptycore.physics.probe import make_mixed_probe, orthogonalize_modes
+from ptycore.store import open_store, write_array
+
+STATE_ARRAYS = ("object_amplitude", "object_phase", "probe", "positions_A", "tilts_mrad", "slice_thickness_A")
+
+
+class State(NamedTuple):
+    """Everything a reconstruction refines. Engines are pure functions State → State.
+
+    object_amplitude, object_phase: (obj_modes, slices, Hy, Wx) float32
+    probe: (probe_modes, ny, nx) complex64, sum |probe|^2 = mean counts per pattern
+    positions_A: (n_pos, 2) float32, (y, x) probe centres in the object frame
+    tilts_mrad: (2,) global or (n_pos, 2) per position, float32
+    slice_thickness_A: () float32
+    """
+
+    object_amplitude: jnp.ndarray
+    object_phase: jnp.ndarray
+    probe: jnp.ndarray
+    positions_A: jnp.ndarray
+    tilts_mrad: jnp.ndarray
+    slice_thickness_A: jnp.ndarray
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.object_phase.shape[1])
+
+    @property
+    def n_probe_modes(self) -> int:
+        return int(self.probe.shape[0])
+
+
+def load_state(path) -> tuple[State, float]:
+    """Read a state from an init store or a result store; returns (state, pixel_size_A)."""
+    group = open_store(path)
+    missing = [name for name in STATE_ARRAYS if name not in group]
+    if missing:
+        raise InvalidData(f"{path}: not an init/result store, missing arrays: {', '.join(missing)}")
+    if "pixel_size_A" not in group.attrs:
+        raise InvalidData(f"{path}: attribute pixel_size_A is missing")
+    arrays = {name: np.asarray(group[name][...]) for name in STATE_ARRAYS}
+    state = State(
+        object_amplitude=jnp.asarray(arrays["object_amplitude"], jnp.float32),
+        object_phase=jnp.asarray(arrays["object_phase"], jnp.float32),
+        probe=jnp.asarray(arrays["probe"], jnp.complex64),
+        positions_A=jnp.asarray(arrays["positions_A"], jnp.float32),
+        tilts_mrad=jnp.asarray(arrays["tilts_mrad"], jnp.float32),
+        slice_thickness_A=jnp.asarray(arrays["slice_thickness_A"], jnp.float32).reshape(()),
+    )
+    if state.object_phase.ndim != 4 or state.object_phase.shape != state.object_amplitude.shape:
+        raise InvalidData(f"{path}: object arrays must both be (obj_modes, slices, Hy, Wx)")
+    if state.probe.ndim != 3:
+        raise InvalidData(f"{path}: probe must be (probe_modes, ny, nx), got {state.probe.shape}")
+    return state, float(group.attrs["pixel_size_A"])
+
+
+def write_state(group, state: State) -> None:
+    """Write the state arrays of the result-store contract into an open zarr group."""
+    obj_chunks = (1, 1) + tuple(min(s, 512) for s in state.object_phase.shape[2:])
+    write_array(group, "object_amplitude", np.asarray(state.object_amplitude, np.float32), chunks=obj_chunks)
+    write_array(group, "object_phase", np.asarray(state.object_phase, np.float32), chunks=obj_chunks)
+    write_array(group, "probe", np.asarray(state.probe, np.complex64))
+    write_array(group, "positions_A", np.asarray(state.positions_A, np.float32))
+    write_array(group, "tilts_mrad", np.asarray(state.tilts_mrad, np.float32))
+    write_array(group, "slice_thickness_A", np.asarray(state.slice_thickness_A, np.float32).reshape(()))
+
+
+# ---------------------------------------------------------------- resampling on stage entry
+def resample_probe_modes(probe, n_modes: int, decay: float = 0.3):
+    """Change the number of probe modes, keeping the total intensity.
+
+    Fewer: orthogonalise and keep the strongest (their power rescaled to the total).
+    More: keep the existing modes and add orthogonal ones carrying ``decay``-decaying shares.
+    """
+    current = probe.shape[0]
+    if n_modes == current:
+        return probe
+    total = jnp.sum(jnp.abs(probe) ** 2)
+    modes, _ = orthogonalize_modes(probe)
+    if n_modes < current:
+        kept = modes[:n_modes]
+        return (kept * jnp.sqrt(total / jnp.sum(jnp.abs(kept) ** 2))).astype(jnp.complex64)
+    extra = make_mixed_probe(modes[0], n_modes, decay)[current:]  # orthogonal to mode 0 only
+    flat = np.asarray(jnp.concatenate([modes, extra]).reshape(n_modes, -1), np.complex128)
+    for i in range(current, n_modes):  # Gram-Schmidt the new modes against all earlier ones
+        v = flat[i].copy()
+        for j in range(i):
+            v -= np.vdot(flat[j], v) / np.vdot(flat[j], flat[j]) * flat[j]
+        flat[i] = v / np.linalg.norm(v) * np.linalg.norm(flat[i])
+    out = jnp.asarray(flat.reshape((n_modes,) + probe.shape[1:]))
+    return (out * jnp.sqrt(total / jnp.sum(jnp.abs(out) ** 2))).astype(jnp.complex64)
+
+
+def resample_slices(object_amplitude, object_phase, slice_thickness_A, n_slices: int):
+    """Change the number of slices over the same total thickness, conserving the total phase
+    (and the product of amplitudes) at every lateral pixel. Returns (amplitude, phase, thickness)."""
+    current = object_phase.shape[1]
+    if n_slices == current:
+        return object_amplitude, object_phase, slice_thickness_A
+    total = current * slice_thickness_A
+    # redistribute by the overlap of old and new slab boundaries (a conservative remap)
+    old_edges = np.linspace(0.0, 1.0, current + 1)
+    new_edges = np.linspace(0.0, 1.0, n_slices + 1)
+    weights = np.zeros((n_slices, current))
+    for i in range(n_slices):
+        for j in range(current):
+            overlap = min(new_edges[i + 1], old_edges[j + 1]) - max(new_edges[i], old_edges[j])
+            if overlap > 0:
+                weights[i, j] = overlap / (old_edges[j + 1] - old_edges[j])
+    w = jnp.asarray(weights, jnp.float32)
+    phase = jnp.einsum("ij,ojyx->oiyx", w, object_phase)
+    log_amp = jnp.einsum("ij,ojyx->oiyx", w, jnp.log(jnp.clip(object_amplitude, 1e-6, None)))
+    return jnp.exp(log_amp), phase, jnp.asarray(total / n_slices, jnp.float32)
+
+
+def pad_object(state: State, pad_px: int, pixel_size_A: float) -> State:
+    """Pad the object by ``pad_px`` on every side (amplitude 1, phase 0), shifting positions."""
+    if pad_px == 0:
+        return state
+    widths = ((0, 0), (0, 0), (pad_px, pad_px), (pad_px, pad_px))
+    return state._replace(
+        object_amplitude=jnp.pad(state.object_amplitude, widths, constant_values=1.0),
+        object_phase=jnp.pad(state.object_phase, widths),
+        positions_A=state.positions_A + pad_px * pixel_size_A,
+    )
+
+
+def resample_state(state: State, resample, pixel_size_A: float) -> State:
+    """Apply a stage's ``resample`` settings (see ptycore.plan.Resample)."""
+    if resample.probe_modes is not None:
+        state = state._replace(probe=resample_probe_modes(state.probe, resample.probe_modes))
+    if resample.slices is not None:
+        amp, phase, dz = resample_slices(state.object_amplitude, state.object_phase, state.slice_thickness_A,
+                                         resample.slices)
+        state = state._replace(object_amplitude=amp, object_phase=phase, slice_thickness_A=dz)
+    if resample.tilts == "per_position" and state.tilts_mrad.ndim == 1:
+        state = state._replace(tilts_mrad=jnp.broadcast_to(state.tilts_mrad, state.positions_A.shape) + 0.0)
+    elif resample.tilts == "global" and state.tilts_mrad.ndim == 2:
+        state = state._replace(tilts_mrad=jnp.mean(state.tilts_mrad, axis=0))
+    return pad_object(state, resample.object_pad_px, pixel_size_A)
