@@ -86,7 +86,18 @@ class GradientEngine:
             updates[FIELDS[n]] = value
         return state._replace(**updates)
 
+    def _apply(self, state: State, increments: dict) -> State:
+        """Add parameter-space increments to the state (exactly unchanged where an increment is 0)."""
+        updates = {}
+        for n, delta in increments.items():
+            if n == "probe":
+                delta = ((delta[0] + 1j * delta[1]) * self.probe_scale).astype(jnp.complex64)
+            updates[FIELDS[n]] = getattr(state, FIELDS[n]) + delta
+        return state._replace(**updates)
+
     def init_carry(self, state: State):
+        # the carry is donated to the compiled iteration: copy so the caller's arrays survive
+        state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
         params = self._params(state)
         opt = {n: self.transforms[n].init(params[n]) for n in self.names}
         return state, opt
@@ -123,13 +134,13 @@ class GradientEngine:
             params = self._params(state)
             (_, terms), grads = jax.value_and_grad(self._loss, has_aux=True)(
                 params, state, measured, idx, mask, hyper["weights"])
-            new_params, new_opt = {}, {}
+            increments, new_opt = {}, {}
             for n in self.names:
                 direction, os = self.transforms[n].update(grads[n], opt[n], params[n])
-                new_params[n] = params[n] - hyper["lr"][n] * direction
+                increments[n] = -hyper["lr"][n] * direction
                 active = hyper["active"][n]
                 new_opt[n] = jax.tree_util.tree_map(lambda a, b, active=active: jnp.where(active, a, b), os, opt[n])
-            return (self._assemble(state, new_params), new_opt), terms
+            return (self._apply(state, increments), new_opt), terms
 
         (state, opt), terms = lax.scan(step, carry, (batches, masks))
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
