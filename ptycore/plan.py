@@ -250,8 +250,16 @@ class Constraints(_Strict):
 class Resample(_Strict):
     """How the incoming state is changed when the stage starts."""
 
+    @model_validator(mode="after")
+    def _one_slice_setting(self):
+        if self.slices is not None and self.slice_thickness_A is not None:
+            raise ValueError("give slices or slice_thickness_A, not both")
+        return self
+
     probe_modes: int | None = Field(default=None, ge=1, le=32)
     slices: int | None = Field(default=None, ge=1, le=512)
+    slice_thickness_A: float | None = Field(
+        default=None, gt=0, description="target slice thickness: slices = round(total thickness / this)")
     object_pad_px: int = Field(default=0, ge=0)
     tilts: Literal["global", "per_position"] | None = None
 

@@ -13,12 +13,20 @@ def fourier_shift(array, shift_px):
 
     Exact for band-limited periodic functions; differentiable in ``shift_px``.
     """
-    ny, nx = array.shape[-2:]
+    return jnp.fft.ifft2(jnp.fft.fft2(array) * shift_ramp(array.shape[-2:], shift_px))
+
+
+def shift_ramp(shape: tuple[int, int], shift_px):
+    """Fourier phase ramp ``exp(-2 pi i k.s)`` (FFT order) for shifts ``shift_px`` (..., 2) → (..., ny, nx).
+
+    Multiplying a spectrum by it and inverse-transforming shifts by ``s``; computing the
+    spectrum once and applying many ramps saves one FFT per shift.
+    """
+    ny, nx = shape
     ky = jnp.asarray(np.fft.fftfreq(ny), dtype=jnp.float32)[:, None]
     kx = jnp.asarray(np.fft.fftfreq(nx), dtype=jnp.float32)[None, :]
     shift_px = jnp.asarray(shift_px, dtype=jnp.float32)
-    ramp = jnp.exp(-2j * np.pi * (ky * shift_px[..., 0, None, None] + kx * shift_px[..., 1, None, None]))
-    return jnp.fft.ifft2(jnp.fft.fft2(array) * ramp)
+    return jnp.exp(-2j * np.pi * (ky * shift_px[..., 0, None, None] + kx * shift_px[..., 1, None, None]))
 
 
 def split_positions(positions_A, pixel_size_A: float, window_shape: tuple[int, int]):

@@ -139,9 +139,13 @@ def resample_state(state: State, resample, pixel_size_A: float) -> State:
     """Apply a stage's ``resample`` settings (see ptycore.plan.Resample)."""
     if resample.probe_modes is not None:
         state = state._replace(probe=resample_probe_modes(state.probe, resample.probe_modes))
-    if resample.slices is not None:
+    n_slices = resample.slices
+    if resample.slice_thickness_A is not None:
+        total = float(state.slice_thickness_A) * state.n_slices
+        n_slices = max(1, round(total / resample.slice_thickness_A))
+    if n_slices is not None:
         amp, phase, dz = resample_slices(state.object_amplitude, state.object_phase, state.slice_thickness_A,
-                                         resample.slices)
+                                         n_slices)
         state = state._replace(object_amplitude=amp, object_phase=phase, slice_thickness_A=dz)
     if resample.tilts == "per_position" and state.tilts_mrad.ndim == 1:
         state = state._replace(tilts_mrad=jnp.broadcast_to(state.tilts_mrad, state.positions_A.shape) + 0.0)
