@@ -47,12 +47,14 @@ def exit_waves(optics: Optics, object_amplitude, object_phase, probe, positions_
     """
     window = optics.grid.shape
     top_left, frac = split_positions(positions_A, optics.grid.pixel_size_A, window)
-    # (batch, obj_modes, slices, ny, nx) -> slices first for the scan
-    patches = crop_patches(transmission(object_amplitude, object_phase), top_left, window)
-    patches = jnp.moveaxis(patches, 2, 0)[:, :, :, None]  # (slices, batch, obj_modes, 1, ny, nx)
+    t = transmission(object_amplitude, object_phase)
+    # first slice and the rest cropped separately (slices-first for the scan, no copy of a slice range)
+    first = crop_patches(t[:, 0], top_left, window)[:, :, None]  # (batch, obj_modes, 1, ny, nx)
+    rest = crop_patches(jnp.moveaxis(t[:, 1:], 1, 0), top_left, window)  # (batch, slices-1, obj_modes, ny, nx)
+    rest = jnp.moveaxis(rest, 0, 1)[:, :, :, None]  # (slices-1, batch, obj_modes, 1, ny, nx)
     # probe spectrum once per call, one inverse FFT per position and mode for the sub-pixel shift
     shifted = jnp.fft.ifft2(jnp.fft.fft2(probe)[None] * shift_ramp(window, frac)[:, None])  # (batch, modes, ny, nx)
-    wave = shifted[:, None] * patches[0]  # (batch, obj_modes, probe_modes, ny, nx)
+    wave = shifted[:, None] * first  # (batch, obj_modes, probe_modes, ny, nx)
     tilts = jnp.asarray(tilts_mrad, dtype=jnp.float32)
     kernel = fresnel_kernel(optics.grid, optics.wavelength_A, slice_thickness_A, tilts, optics.bandlimit)
     if kernel.ndim == 3:  # one tilt per position
@@ -62,7 +64,7 @@ def exit_waves(optics: Optics, object_amplitude, object_phase, probe, positions_
         wave = jnp.fft.ifft2(jnp.fft.fft2(wave) * kernel) * slice_transmission
         return wave, None
 
-    wave, _ = lax.scan(through_slice, wave, patches[1:])
+    wave, _ = lax.scan(through_slice, wave, rest)
     return wave
 
 
