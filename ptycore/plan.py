@@ -204,10 +204,15 @@ class PhasePositive(Constraint):
 
 
 class KzFilter(Constraint):
-    """Missing-wedge filter on the object phase across slices (needs >= 2 slices)."""
+    """Missing-wedge filter on the object phase across slices (needs >= 2 slices).
 
-    beta: float = Field(default=0.1, gt=0, description="strength (wedge sharpness)")
-    alpha: float = Field(default=1.0, ge=0, description="lateral weight of the wedge")
+    Ptychography measures the object's 3-D spectrum only inside a cone |kz| <~ alpha |kr|
+    (alpha: the probe's convergence semi-angle); components outside are damped by
+    ``1 - (2/pi) atan((beta kz)^2 / ((alpha kr)^2 + eps))``.
+    """
+
+    beta: float = Field(default=1.0, gt=0, description="sharpness: larger damps more")
+    alpha_mrad: float | None = Field(default=None, gt=0, description="cone half-angle (default: convergence)")
 
 
 class LateralBlur(Constraint):

@@ -50,7 +50,8 @@ def kz_filter(state, ctx, cfg):
     ky = np.fft.fftfreq(hy, d=ctx.pixel_size_A)[None, :, None]
     kx = np.fft.fftfreq(wx, d=ctx.pixel_size_A)[None, None, :]
     kr2 = jnp.asarray(ky**2 + kx**2, jnp.float32)
-    weight = 1 - (2 / np.pi) * jnp.arctan((cfg.beta * kz) ** 2 / (cfg.alpha**2 * kr2 + 1e-6))
+    alpha = (cfg.alpha_mrad or ctx.convergence_mrad) * 1e-3
+    weight = 1 - (2 / np.pi) * jnp.arctan((cfg.beta * kz) ** 2 / (alpha**2 * kr2 + 1e-9))
     filtered = jnp.real(jnp.fft.ifftn(jnp.fft.fftn(state.object_phase, axes=(1, 2, 3)) * weight, axes=(1, 2, 3)))
     return state._replace(object_phase=filtered.astype(jnp.float32))
 
@@ -87,8 +88,8 @@ def phase_ramp_removal(state, ctx, cfg):
     gram = jnp.einsum("ayx,byx,yx->ab", basis, basis, w)
     rhs = jnp.einsum("ayx,oyx,yx->oa", basis, total, w)
     coeff = jnp.linalg.solve(gram[None], rhs[..., None])[..., 0]  # (obj_modes, 3)
-    coeff = coeff.at[:, 0].set(0.0)  # keep the mean phase
     plane = jnp.einsum("oa,ayx->oyx", coeff, basis)
+    plane = plane - jnp.sum(plane * w, axis=(-2, -1), keepdims=True) / jnp.sum(w)  # keep the mean phase
     return state._replace(object_phase=state.object_phase - plane[:, None] / state.object_phase.shape[1])
 
 
