@@ -125,13 +125,16 @@ def _as_schedule(v: Any) -> Any:
 class ParameterOptimizer(_Strict):
     """How one parameter learns: optimiser, learning rate (optionally scheduled), onset/stop."""
 
-    optimizer: Literal["adam", "sgd", "momentum"] = "adam"
+    optimizer: Literal["adam", "sgd", "momentum", "lbfgs"] = Field(
+        default="adam", description="lbfgs: quasi-Newton direction at a fixed step lr; for few, smooth parameters "
+        "(slice thickness, global tilt) whose mini-batch gradients agree")
     lr: Annotated[Schedule, Field(description="step size in the parameter's units")]
     start: int = Field(default=0, ge=0, description="first iteration that updates this parameter")
     stop: int | None = Field(default=None, ge=1, description="iteration from which it is frozen again")
     momentum: float = Field(default=0.9, ge=0, lt=1)
     b1: float = Field(default=0.9, ge=0, lt=1)
     b2: float = Field(default=0.999, ge=0, lt=1)
+    memory: int = Field(default=10, ge=1, le=100, description="L-BFGS history length")
 
     _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
 

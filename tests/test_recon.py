@@ -75,6 +75,7 @@ def test_no_recompiles_across_onsets_and_schedules(synthetic):
         "probe": {"lr": 0.01, "start": 5},
         "positions": {"lr": 0.01, "start": 7},
         "tilts": {"lr": 0.1, "start": 9},
+        "slice_thickness": {"lr": 0.1, "optimizer": "lbfgs", "start": 4},
     }, losses={"single": 1.0, "pacbed": {"schedule": "step", "start": 0.0, "end": 0.5, "at_iter": 4},
                "sparse": {"schedule": "linear", "start": 0.0, "end": 0.1, "to_iter": 10}, "tv_xy": 0.01},
         constraints={"probe_orthogonalize": {"every": 2}, "object_amplitude_bounds": {"start": 6},

@@ -35,6 +35,8 @@ FIELDS = {
 def _transform(cfg) -> optax.GradientTransformation:
     if cfg.optimizer == "adam":
         return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8)
+    if cfg.optimizer == "lbfgs":
+        return optax.scale_by_lbfgs(memory_size=cfg.memory)
     if cfg.optimizer == "momentum":
         return optax.trace(decay=cfg.momentum)
     return optax.identity()
@@ -96,11 +98,11 @@ class GradientEngine:
         return state._replace(**updates)
 
     def init_carry(self, state: State):
-        # the carry is donated to the compiled iteration: copy so the caller's arrays survive
-        state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
         params = self._params(state)
         opt = {n: self.transforms[n].init(params[n]) for n in self.names}
-        return state, opt
+        # the carry is donated to the compiled iteration: copy every leaf, so the caller's arrays
+        # survive and no two leaves share a buffer (optax may initialise states from one array)
+        return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (state, opt))
 
     def to_state(self, carry) -> State:
         return carry[0]
