@@ -1,0 +1,158 @@
+"""``ptycore inspect STORE``: a store's arrays, attributes, provenance and history at a glance.
+
+Works on every ptycore store (data, prepared, init, result, truth, an aggregate's metrics.zarr):
+it walks the groups, prints each array's name, shape, dtype and chunks, the attributes (long
+values shortened unless ``--full``), a provenance summary with its upstream chain, and the
+last value of every ``history/`` array.
+"""
+
+from __future__ import annotations
+
+import json
+
+HELP = "print a store's arrays (name, shape, dtype), attributes, provenance summary and last history values"
+
+_WIDTH = 110
+
+
+def add_arguments(p):
+    p.add_argument("store", help="a zarr store written by ptycore")
+    p.add_argument("--full", action="store_true", help="print attributes and provenance in full (JSON)")
+
+
+def _short(value, full: bool) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    if full or len(text) <= _WIDTH:
+        return text
+    return text[: _WIDTH - 5] + " ..."
+
+
+def _walk(group, prefix=""):
+    """(name, array) for every array below ``group``, depth first, sorted by name."""
+    import zarr
+
+    for name, member in sorted(group.members(), key=lambda kv: kv[0]):
+        path = f"{prefix}{name}"
+        if isinstance(member, zarr.Array):
+            yield path, member
+        else:
+            yield from _walk(member, path + "/")
+
+
+def _fmt_number(v) -> str:
+    import math
+
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _last_value(array) -> str:
+    import numpy as np
+
+    if array.shape == ():
+        return _fmt_number(np.asarray(array[...]).item())
+    if len(array.shape) == 0 or array.shape[0] == 0:
+        return "(empty)"
+    last = np.asarray(array[array.shape[0] - 1])
+    if last.ndim == 0:
+        return _fmt_number(last.item())
+    return "[" + ", ".join(_fmt_number(x) for x in last.ravel()[:8].tolist()) + (" ..." if last.size > 8 else "") + "]"
+
+
+def provenance_lines(prov: dict, full: bool) -> list[str]:
+    if full:
+        return json.dumps(prov, indent=1, default=str, ensure_ascii=False).splitlines()
+    lines = []
+    verb = prov.get("verb") or prov.get("command")
+    plan = prov.get("plan")
+    plan_name = plan.get("name") if isinstance(plan, dict) else plan
+    head = [f"{verb}" if verb else "?"]
+    if prov.get("created") or prov.get("finished"):
+        head.append(f"at {prov.get('finished') or prov.get('created')}")
+    if prov.get("hostname"):
+        head.append(f"on {prov['hostname']}")
+    lines.append(" ".join(head))
+    if plan_name:
+        lines.append(f"plan: {plan_name}" + (f" ({prov['plan_hash']})" if prov.get("plan_hash") else ""))
+    timings = prov.get("stage_timings")
+    if isinstance(timings, dict) and timings:
+        parts = []
+        for name, t in timings.items():
+            if isinstance(t, dict):
+                parts.append(f"{name} ({t.get('iterations')} it, {_fmt_number(float(t.get('seconds') or 0))} s)")
+        lines.append("stages: " + ", ".join(parts))
+    elif prov.get("stages_run"):
+        lines.append("stages: " + ", ".join(prov["stages_run"]))
+    device = ", ".join(str(prov[k]) for k in ("device_kind", "platform") if prov.get(k))
+    if device:
+        lines.append(f"device: {device}")
+    if prov.get("wall_seconds") is not None:
+        lines.append(f"wall time: {_fmt_number(float(prov['wall_seconds']))} s")
+    versions = prov.get("versions") or {}
+    vs = [f"ptycore {prov.get('ptycore_version')}"] if prov.get("ptycore_version") else []
+    vs += [f"{k} {v}" for k, v in versions.items() if v]
+    if vs:
+        lines.append("versions: " + ", ".join(vs) + (f" (git {str(prov['git_commit'])[:10]})"
+                                                    if prov.get("git_commit") else ""))
+    if prov.get("slurm_job_id"):
+        lines.append(f"slurm job: {prov['slurm_job_id']}")
+    for key in ("seed", "seeds", "simulator"):
+        if prov.get(key) is not None:
+            lines.append(f"{key}: {_short(prov[key], False)}")
+    inputs = prov.get("inputs")
+    if isinstance(inputs, dict):
+        for path, digest in inputs.items():
+            lines.append(f"input: {path} {str(digest)[:20]}...")
+    from ptycore.evaluate import upstream_chain
+
+    chain = upstream_chain(prov)
+    if chain:
+        lines.append("upstream: " + " <- ".join(chain))
+    return lines
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ptycore.errors import InvalidData
+    from ptycore.store import open_store
+
+    path = Path(args.store)
+    try:
+        group = open_store(path)
+    except InvalidData:
+        if path.is_dir():
+            stores = sorted(p.name for p in path.glob("*.zarr"))
+            if stores:
+                raise InvalidData(f"{path}: not a zarr store (it holds {', '.join(stores)}; inspect one of "
+                                  "those)") from None
+        raise
+    arrays = list(_walk(group))
+    print(f"{path}  (zarr v{group.metadata.zarr_format}, {len(arrays)} arrays)")
+    print("arrays:")
+    width = max((len(n) for n, _ in arrays), default=10)
+    history = []
+    for name, arr in arrays:
+        chunks = getattr(arr, "chunks", None)
+        print(f"  {name:<{width}}  {str(tuple(arr.shape)):<22} {str(arr.dtype):<10} chunks {tuple(chunks)}")
+        if name.startswith("history/"):
+            history.append((name[len("history/"):], arr))
+    attrs = dict(group.attrs)
+    prov = attrs.pop("provenance", None)
+    if attrs:
+        print("attributes:")
+        for key, value in attrs.items():
+            print(f"  {key}: {_short(value, args.full)}")
+    if isinstance(prov, dict):
+        print("provenance:")
+        for line in provenance_lines(prov, args.full):
+            print(f"  {line}")
+    if history:
+        lengths = {arr.shape[0] for _, arr in history if arr.shape}
+        n = max(lengths) if lengths else 0
+        print(f"history ({n} iterations), last values:")
+        hw = max(len(t) for t, _ in history)
+        for term, arr in history:
+            print(f"  {term:<{hw}}  {_last_value(arr)}")
+    return 0
