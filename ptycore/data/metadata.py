@@ -83,7 +83,9 @@ class AcquisitionMetadata(BaseModel):
 
 
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # a misspelt key shows up as an unknown key and a missing one: name the misspelling
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
