@@ -34,8 +34,12 @@ class Optics:
 
 
 def transmission(object_amplitude, object_phase):
-    """Complex transmission ``amplitude * exp(i phase)``, same shape (obj_modes, slices, Hy, Wx)."""
-    return (object_amplitude * jnp.exp(1j * object_phase)).astype(jnp.complex64)
+    """Complex transmission ``amplitude * exp(i phase)``, same shape (obj_modes, slices, Hy, Wx).
+
+    complex64 for float32 inputs (the default); complex128 for float64 inputs (jax x64).
+    """
+    dtype = jnp.result_type(object_amplitude, object_phase, jnp.complex64)
+    return (object_amplitude * jnp.exp(1j * object_phase)).astype(dtype)
 
 
 def exit_waves(optics: Optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad, slice_thickness_A):
@@ -55,7 +59,8 @@ def exit_waves(optics: Optics, object_amplitude, object_phase, probe, positions_
     # probe spectrum once per call, one inverse FFT per position and mode for the sub-pixel shift
     shifted = jnp.fft.ifft2(jnp.fft.fft2(probe)[None] * shift_ramp(window, frac)[:, None])  # (batch, modes, ny, nx)
     wave = shifted[:, None] * first  # (batch, obj_modes, probe_modes, ny, nx)
-    tilts = jnp.asarray(tilts_mrad, dtype=jnp.float32)
+    tilts = jnp.asarray(tilts_mrad)
+    tilts = tilts.astype(jnp.result_type(tilts, jnp.float32))  # float32 by default, float64 kept under x64
     kernel = fresnel_kernel(optics.grid, optics.wavelength_A, slice_thickness_A, tilts, optics.bandlimit)
     if kernel.ndim == 3:  # one tilt per position
         kernel = kernel[:, None, None]

@@ -27,18 +27,22 @@ def fresnel_kernel(grid: Grid, wavelength_A: float, dz_A, tilt_mrad=None, bandli
     ``exp(-i pi lambda |k|^2 dz + 2 pi i dz (ky tan(tilt_y) + kx tan(tilt_x)))`` times the band
     limit. ``tilt_mrad`` is ``(2,)`` (tilt_y, tilt_x) or ``(..., 2)`` for one tilt per
     position; the result then has shape ``(..., ny, nx)``. Differentiable in ``dz_A`` and tilt.
+    complex64 unless ``dz_A`` or the tilt is float64 (jax x64), then complex128.
     """
+    if tilt_mrad is not None:
+        tilt_mrad = jnp.asarray(tilt_mrad)
+    real = jnp.result_type(jnp.float32, dz_A, *(() if tilt_mrad is None else (tilt_mrad,)))
     ky, kx = grid.frequencies_invA()
-    ky = jnp.asarray(ky, dtype=jnp.float32)
-    kx = jnp.asarray(kx, dtype=jnp.float32)
+    ky = jnp.asarray(ky, dtype=real)
+    kx = jnp.asarray(kx, dtype=real)
     phase = -np.pi * wavelength_A * (ky**2 + kx**2) * dz_A
     if tilt_mrad is not None:
-        tan = jnp.tan(jnp.asarray(tilt_mrad, dtype=jnp.float32) * 1e-3)
+        tan = jnp.tan(tilt_mrad.astype(real) * 1e-3)
         tan_y = tan[..., 0, None, None]
         tan_x = tan[..., 1, None, None]
         phase = phase + 2 * np.pi * dz_A * (ky * tan_y + kx * tan_x)
     mask = jnp.asarray(bandlimit_mask(grid, bandlimit))
-    return (mask * jnp.exp(1j * phase)).astype(jnp.complex64)
+    return (mask * jnp.exp(1j * phase)).astype(jnp.result_type(real, jnp.complex64))
 
 
 def propagate(wave, kernel):

@@ -23,9 +23,11 @@ def shift_ramp(shape: tuple[int, int], shift_px):
     spectrum once and applying many ramps saves one FFT per shift.
     """
     ny, nx = shape
-    ky = jnp.asarray(np.fft.fftfreq(ny), dtype=jnp.float32)[:, None]
-    kx = jnp.asarray(np.fft.fftfreq(nx), dtype=jnp.float32)[None, :]
-    shift_px = jnp.asarray(shift_px, dtype=jnp.float32)
+    shift_px = jnp.asarray(shift_px)
+    real = jnp.result_type(shift_px, jnp.float32)  # float32 by default, float64 kept under x64
+    shift_px = shift_px.astype(real)
+    ky = jnp.asarray(np.fft.fftfreq(ny), dtype=real)[:, None]
+    kx = jnp.asarray(np.fft.fftfreq(nx), dtype=real)[None, :]
     return jnp.exp(-2j * np.pi * (ky * shift_px[..., 0, None, None] + kx * shift_px[..., 1, None, None]))
 
 
@@ -50,7 +52,7 @@ def crop_patches(array, top_left, window_shape: tuple[int, int]):
     lead = array.ndim - 2
 
     def one(corner):
-        starts = (0,) * lead + (corner[0], corner[1])
+        starts = (jnp.zeros((), corner.dtype),) * lead + (corner[0], corner[1])  # one index dtype, also under x64
         return lax.dynamic_slice(array, starts, array.shape[:lead] + tuple(window_shape))
 
     return jax.vmap(one)(top_left)
