@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptycore.physics.slicing import slice_weights
+
 #: half-set FRC threshold (Rosenthal & Henderson 2003)
 FRC_THRESHOLD = 1.0 / 7.0
 #: the outer band of the spectrum (fractions of Nyquist) that defines the noise floor
@@ -214,23 +216,6 @@ def compare_phase(result: np.ndarray, truth: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------- slices
-def slice_weights(n_from: int, n_to: int) -> np.ndarray:
-    """(n_to, n_from) overlap weights that remap slices over the same total thickness.
-
-    ``new[i] = sum_j w[i, j] old[j]``; every column sums to 1, so the total (depth-summed)
-    phase is conserved at every pixel.
-    """
-    old = np.linspace(0.0, 1.0, n_from + 1)
-    new = np.linspace(0.0, 1.0, n_to + 1)
-    w = np.zeros((n_to, n_from))
-    for i in range(n_to):
-        for j in range(n_from):
-            overlap = min(new[i + 1], old[j + 1]) - max(new[i], old[j])
-            if overlap > 0:
-                w[i, j] = overlap / (old[j + 1] - old[j])
-    return w
-
-
 def remap_slices(phase: np.ndarray, n_slices: int) -> np.ndarray:
     """(slices, H, W) → (n_slices, H, W) conserving the total phase at every pixel."""
     phase = np.asarray(phase)

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ptycore.data.preprocess import load_config
 from ptycore.errors import InvalidArgument, InvalidData
+from ptycore.physics.slicing import slice_weights
 
 OBJECT_MODE_DECAY = 0.3
 OBJECT_MODE_PHASE_RMS = 0.01
@@ -152,14 +153,7 @@ def remap_slices(array: np.ndarray, n_slices: int, log: bool = False) -> np.ndar
     current = array.shape[1]
     if current == n_slices:
         return array
-    old = np.linspace(0.0, 1.0, current + 1)
-    new = np.linspace(0.0, 1.0, n_slices + 1)
-    weights = np.zeros((n_slices, current))
-    for i in range(n_slices):
-        for j in range(current):
-            overlap = min(new[i + 1], old[j + 1]) - max(new[i], old[j])
-            if overlap > 0:
-                weights[i, j] = overlap / (old[j + 1] - old[j])
+    weights = slice_weights(current, n_slices)
     values = np.log(np.clip(array, 1e-6, None)) if log else array
     out = np.einsum("ij,mjyx->miyx", weights, values)
     return np.exp(out) if log else out

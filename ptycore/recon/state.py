@@ -9,6 +9,7 @@ import numpy as np
 
 from ptycore.errors import InvalidData
 from ptycore.physics.probe import make_mixed_probe, orthogonalize_modes
+from ptycore.physics.slicing import slice_weights
 from ptycore.store import open_store, write_array
 
 STATE_ARRAYS = ("object_amplitude", "object_phase", "probe", "positions_A", "tilts_mrad", "slice_thickness_A")
@@ -108,15 +109,7 @@ def resample_slices(object_amplitude, object_phase, slice_thickness_A, n_slices:
     if n_slices == current:
         return object_amplitude, object_phase, slice_thickness_A
     total = current * slice_thickness_A
-    # redistribute by the overlap of old and new slab boundaries (a conservative remap)
-    old_edges = np.linspace(0.0, 1.0, current + 1)
-    new_edges = np.linspace(0.0, 1.0, n_slices + 1)
-    weights = np.zeros((n_slices, current))
-    for i in range(n_slices):
-        for j in range(current):
-            overlap = min(new_edges[i + 1], old_edges[j + 1]) - max(new_edges[i], old_edges[j])
-            if overlap > 0:
-                weights[i, j] = overlap / (old_edges[j + 1] - old_edges[j])
+    weights = slice_weights(current, n_slices)  # overlap of old and new slabs (conservative)
     w = jnp.asarray(weights, jnp.float32)
     phase = jnp.einsum("ij,ojyx->oiyx", w, object_phase)
     log_amp = jnp.einsum("ij,ojyx->oiyx", w, jnp.log(jnp.clip(object_amplitude, 1e-6, None)))
