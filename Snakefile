@@ -1,0 +1,105 @@
+# ptycore pipeline: simulate/ingest → preprocess → init → reconstruct (one job per plan stage)
+# → evaluate → aggregate, for every dataset × plan in config/config.yaml.
+#
+#   snakemake --profile profiles/local            # whole DAG on this machine
+#   snakemake --profile profiles/slurm            # on a Slurm cluster (GPU partition for reconstruct)
+#   snakemake --profile profiles/local figures    # paper figures and tables → results/figures
+#   snakemake --profile profiles/local dataset_NAME    # one dataset, every plan
+#
+# Each rule is a thin call of one `ptycore` verb; outputs are zarr stores under
+# results/{dataset}/{plan}/..., logs (the verb's stdout and stderr) under results/logs/,
+# benchmarks under results/benchmarks/.
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+try:
+    validate(config, "workflow/schemas/config.schema.yaml")
+except WorkflowError as _err:
+    _cause = _err.__context__  # the jsonschema ValidationError
+    if not hasattr(_cause, "absolute_path"):
+        raise
+    raise WorkflowError(f"invalid config: {readable_config_error(_cause)}") from None
+
+
+try:
+    DATASETS = collect_datasets(config)
+    PLANS = collect_plans(
+        list(dict.fromkeys(config["plans"] + [p for d in DATASETS.values() for p in d.get("plans", [])]))
+    )
+except ValueError as _err:
+    raise WorkflowError(f"invalid config: {_err}") from None
+
+
+wildcard_constraints:
+    dataset=NAME_RE,
+    plan=NAME_RE,
+    stage=NAME_RE,
+
+
+# JAX: never grab the whole GPU up front (several jobs may share one locally); nothing here forces
+# a platform, so JAX uses a GPU where a CUDA jaxlib finds one and the CPU everywhere else.
+shell.prefix("export XLA_PYTHON_CLIENT_PREALLOCATE=false; ")
+
+
+# ---------------------------------------------------------------- targets
+localrules:
+    all,
+    evaluations,
+    figures,
+
+
+# --keep-going: a failed dataset stops only its own branch; the aggregate is then built from the
+# evaluations that exist and lists the failures (results/logs/aggregate-failures.json).
+onerror:
+    aggregate_despite_failures()
+
+
+onsuccess:
+    clear_stale_failures()
+
+
+rule all:
+    """Every dataset × plan reconstructed and evaluated, aggregated into results/aggregate."""
+    default_target: True
+    input:
+        f"{RESULTS}/aggregate",
+        [store for dataset in DATASETS for store in dataset_stores(dataset)],
+
+
+rule evaluations:
+    """Every dataset × plan evaluated, without the aggregate."""
+    input:
+        [store for dataset in DATASETS for store in dataset_stores(dataset)],
+
+
+rule figures:
+    """Paper figures and tables → results/figures. For now: the aggregate of the evaluated
+    datasets (the plans in config figures.plans, default all); the study machinery will add
+    per-study figures here."""
+    input:
+        f"{RESULTS}/figures",
+
+
+# one target per dataset: `snakemake dataset_NAME` runs that dataset through every plan
+for _name in DATASETS:
+
+    rule:
+        name:
+            f"dataset_{_name}"
+        input:
+            dataset_stores(_name),
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/report.smk"

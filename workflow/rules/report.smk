@@ -1,0 +1,62 @@
+# Evaluate each dataset × plan (final stage), then aggregate across datasets.
+
+
+rule evaluate:
+    """Final stage's store (+ truth for simulated data) → metrics.json, figures, report.html."""
+    input:
+        unpack(evaluate_input),
+    output:
+        directory(f"{RESULTS}/{{dataset}}/{{plan}}/eval"),
+    log:
+        f"{LOGS}/{{dataset}}/{{plan}}/evaluate.log",
+    benchmark:
+        f"{BENCH}/{{dataset}}/{{plan}}/evaluate.tsv"
+    conda:
+        "../envs/ptycore.yaml"
+    threads: threads_for("evaluate")
+    resources:
+        **resources_for("evaluate"),
+    params:
+        truth=truth_option,
+    shell:
+        "ptycore evaluate --result {input.result} {params.truth} --init {input.init}"
+        " --dataset {wildcards.dataset} --plan {wildcards.plan} --out {output} > {log} 2>&1"
+
+
+rule aggregate:
+    """Every dataset × plan's evaluation → tables, figures and an HTML report across datasets."""
+    input:
+        evals=all_evals(),
+    output:
+        directory(f"{RESULTS}/aggregate"),
+    log:
+        f"{LOGS}/aggregate.log",
+    benchmark:
+        f"{BENCH}/aggregate.tsv"
+    conda:
+        "../envs/ptycore.yaml"
+    threads: threads_for("aggregate")
+    resources:
+        **resources_for("aggregate"),
+    shell:
+        "ptycore aggregate --evals {input.evals} --title 'ptycore results' --out {output} > {log} 2>&1"
+
+
+rule figures_aggregate:
+    """Paper figures and tables. Until the study machinery lands: the aggregate of the evaluated
+    datasets for the plans in config figures.plans (default: every plan)."""
+    input:
+        evals=all_evals(config["figures"].get("plans")),
+    output:
+        directory(f"{RESULTS}/figures"),
+    log:
+        f"{LOGS}/figures.log",
+    benchmark:
+        f"{BENCH}/figures.tsv"
+    conda:
+        "../envs/ptycore.yaml"
+    threads: threads_for("figures")
+    resources:
+        **resources_for("figures"),
+    shell:
+        "ptycore aggregate --evals {input.evals} --title 'ptycore figures' --out {output} > {log} 2>&1"
