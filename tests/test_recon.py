@@ -180,3 +180,24 @@ def test_invalid_plan_named_field(tmp_path, synthetic, capsys, edit, message):
     err = capsys.readouterr().err
     assert rc != 0 and message in err, err
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_stage_by_stage_run_carries_history(tmp_path, synthetic):
+    write_stores(synthetic, tmp_path / "prepared.zarr", tmp_path / "init.zarr")
+    stage = {"iterations": 3, "batch_size": 16, "optimize": {"object_phase": {"lr": 0.02}}, "losses": {"single": 1.0}}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"stages": [
+        {"name": "first", **stage},
+        {"name": "second", **stage, "resample": {"probe_modes": 2, "slices": 2}, "iterations": 2}]}))
+    data = ["--plan", str(plan), "--data", str(tmp_path / "prepared.zarr"), "--quiet"]
+    assert main(["reconstruct", *data, "--init", str(tmp_path / "init.zarr"), "--stage", "first",
+                 "--out", str(tmp_path / "first.zarr")]) == 0
+    assert main(["reconstruct", *data, "--init", str(tmp_path / "first.zarr"), "--stage", "second",
+                 "--out", str(tmp_path / "second.zarr")]) == 0
+    g = zarr.open_group(str(tmp_path / "second.zarr"))
+    assert g.attrs["stages"] == ["first", "second"]
+    assert list(g["history/stage"][...]) == [0, 0, 0, 1, 1]
+    assert g["history/single"].shape == (5,) and g["history/probe_mode_powers"].shape == (5, 2)
+    assert g["object_phase"].shape[1] == 2 and g["probe"].shape[0] == 2
+    first = zarr.open_group(str(tmp_path / "first.zarr"))
+    np.testing.assert_array_equal(g["history/single"][:3], first["history/single"][...])

@@ -29,22 +29,32 @@ def check_compatible(state, init_pixel_A: float, measurement, init_path, data_pa
                           f"{measurement.n_positions} patterns")
 
 
-def write_history(group, records) -> None:
-    """history/<term> arrays, concatenated over the stages run, plus history/stage (index per iteration)."""
-    terms = sorted({k for r in records for k in r.history})
-    stage_index = np.concatenate([np.full(len(r.history.get("s_per_iter", [])), i) for i, r in enumerate(records)])
-    write_array(group, "history/stage", stage_index.astype(np.int32))
+def read_previous_history(group) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Stages and history of a result store used as ``--init`` (empty for an init store)."""
+    if "history" not in group or "stages" not in group.attrs:
+        return [], {}
+    return list(group.attrs["stages"]), {name: np.asarray(arr[...]) for name, arr in group["history"].arrays()}
+
+
+def write_history(group, records, previous_stages=(), previous=None) -> None:
+    """history/<term> arrays over every stage so far: the ``previous`` history carried by the
+    ``--init`` result store, then the stages run now; history/stage indexes ``attrs['stages']``."""
+    previous = previous or {}
+    n_prev = len(previous.get("s_per_iter", []))
+    segments = [(np.asarray(previous.get("stage", np.zeros(n_prev)), np.int32), previous)] if n_prev else []
+    for i, r in enumerate(records):
+        n = len(r.history.get("s_per_iter", []))
+        segments.append((np.full(n, len(previous_stages) + i, np.int32), r.history))
+    write_array(group, "history/stage", np.concatenate([seg[0] for seg in segments]))
+    terms = sorted({k for _, hist in segments for k in hist} - {"stage"})
     for term in terms:
         rows = []
-        for r in records:
-            n = len(r.history.get("s_per_iter", []))
-            values = r.history.get(term)
-            if values is None:
-                values = [np.nan] * n
-            rows.extend(values)
+        for stage_index, hist in segments:
+            values = hist.get(term)
+            rows.extend([np.nan] * len(stage_index) if values is None else [np.asarray(v) for v in values])
         if term == "probe_mode_powers":  # ragged over stages that change the mode count
-            width = max(len(v) for v in rows)
-            rows = [list(v) + [np.nan] * (width - len(v)) for v in rows]
+            width = max(np.size(v) for v in rows)
+            rows = [np.concatenate([np.ravel(v), np.full(width - np.size(v), np.nan)]) for v in rows]
         write_array(group, f"history/{term}", np.asarray(rows, np.float32))
 
 
@@ -58,7 +68,9 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     measurement = load_measurement(data_path)
     state, pixel_A = load_state(init_path)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
-    init_attrs = dict(open_store(init_path).attrs)
+    init_group = open_store(init_path)
+    init_attrs = dict(init_group.attrs)
+    previous_stages, previous_history = read_previous_history(init_group)
     plan_hash = plan.hash()
     records = []
     with atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
@@ -71,11 +83,11 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
             records.append(record)
         group = create_store(tmp / "result.zarr.tmp")
         write_state(group, state)
-        write_history(group, records)
+        write_history(group, records, previous_stages, previous_history)
         device = jax.devices()[0]
         group.attrs.update({
             "pixel_size_A": pixel_A,
-            "stages": [r.name for r in records],
+            "stages": previous_stages + [r.name for r in records],
             "provenance": provenance(
                 verb="reconstruct",
                 plan=plan.resolved(),
