@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ptycore tests bench
+	$(BIN)/snakefmt --check Snakefile workflow
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
