@@ -86,6 +86,9 @@ METRICS_SCHEMA: dict[str, tuple[str, str]] = {
     "data_fit_term": ("str|null", "the data-fit loss of the last iteration (single/poisson/anscombe)"),
     "final_loss": ("float|null", "last value of the data-fit term (training positions)"),
     "final_terms": ("dict[str,float]", "last finite value of every loss term in the history"),
+    "iterations_to_90pct_loss_drop": ("int|null", "iterations until the data-fit loss made 90 % of its decrease "
+                                      "over the run (ptycore.studies.convergence_time)"),
+    "seconds_to_90pct_loss_drop": ("float|null", "seconds of those iterations (s_per_iter summed)"),
     "validation_loss": ("float|null", "last held-out validation loss (history/validation)"),
     "validation_loss_min": ("float|null", "lowest held-out validation loss"),
     "information_limit_A": ("float|null", "information limit of the depth-summed phase in the scanned area (Å); "
@@ -412,7 +415,8 @@ def history_metrics(history: dict[str, np.ndarray], stage_names=()) -> dict:
     from ptycore.metrics import NON_LOSS_TERMS
 
     out = {"iterations": None, "s_per_iter_median": None, "s_per_iter_median_by_stage": {}, "data_fit_term": None,
-           "final_loss": None, "final_terms": {}, "validation_loss": None, "validation_loss_min": None}
+           "final_loss": None, "final_terms": {}, "validation_loss": None, "validation_loss_min": None,
+           "iterations_to_90pct_loss_drop": None, "seconds_to_90pct_loss_drop": None}
     if not history:
         return out
     s = history.get("s_per_iter")
@@ -439,6 +443,10 @@ def history_metrics(history: dict[str, np.ndarray], stage_names=()) -> dict:
         values = history.get(term)
         if values is not None and len(values) and np.isfinite(values[-1]):
             out["data_fit_term"], out["final_loss"] = term, float(values[-1])
+            from ptycore.studies import convergence_time
+
+            its, secs = convergence_time(values, history.get("s_per_iter"), 0.9)
+            out["iterations_to_90pct_loss_drop"], out["seconds_to_90pct_loss_drop"] = its, secs
             break
     val = history.get("validation")
     if val is not None and np.isfinite(np.asarray(val, np.float64)).any():
@@ -486,7 +494,7 @@ def provenance_summary(rec: Reconstruction) -> dict:
         "verb": prov.get("verb") or prov.get("command"),
         "plan": plan.get("name") if plan else prov.get("plan"),
         "plan_hash": prov.get("plan_hash"),
-        "stages": prov.get("stages_run") or rec.attrs.get("stages"),
+        "stages": rec.attrs.get("stages") or prov.get("stages_run"),
         "stage_timings": prov.get("stage_timings"),
         "wall_seconds": prov.get("wall_seconds"),
         "started": prov.get("started"),
