@@ -43,7 +43,11 @@ from ptycore.errors import InvalidPlan
 PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions", "tilts", "slice_thickness")
 LOSSES = ("single", "poisson", "anscombe", "pacbed", "sparse", "tv_xy", "tv_z", "surface_zero", "l2")
 ENGINES = ("gradient", "epie", "lsqml", "lm", "dgp")
-IMPLEMENTED_ENGINES = ("gradient",)
+IMPLEMENTED_ENGINES = ("gradient", "epie", "lsqml")
+#: engines that update by projection: which parameters they refine, which losses they report
+PROJECTION_ENGINES = ("epie", "lsqml")
+PROJECTION_PARAMETERS = ("object_phase", "object_amplitude", "probe")
+PROJECTION_LOSSES = ("single", "poisson", "anscombe", "pacbed")
 
 
 class _Strict(BaseModel):
@@ -318,6 +322,19 @@ class Stage(_Strict):
         if v not in IMPLEMENTED_ENGINES:
             raise ValueError(f"engine {v!r} is not available yet (available: {', '.join(IMPLEMENTED_ENGINES)})")
         return v
+
+    @model_validator(mode="after")
+    def _projection_engine_scope(self):
+        if self.engine in PROJECTION_ENGINES:
+            for key in self.optimize:
+                if key not in PROJECTION_PARAMETERS:
+                    raise ValueError(f"engine {self.engine!r} refines only {', '.join(PROJECTION_PARAMETERS)}, "
+                                     f"not {key!r} (use a gradient stage)")
+            for key in self.losses:
+                if key not in PROJECTION_LOSSES:
+                    raise ValueError(f"engine {self.engine!r} fits the data only; loss {key!r} needs a gradient "
+                                     f"stage (data losses are reported: {', '.join(PROJECTION_LOSSES)})")
+        return self
 
 
 class Plan(_Strict):

@@ -6,9 +6,11 @@ iteration), ``to_state(carry)`` and ``compilations()``. The carry is a pytree th
 runner checkpoints and restores; engines never touch files or progress bars.
 """
 
+from ptycore.recon.engines.epie import EPIEEngine
 from ptycore.recon.engines.gradient import GradientEngine
+from ptycore.recon.engines.lsqml import LSQMLEngine
 
-ENGINES = {"gradient": GradientEngine}
+ENGINES = {"gradient": GradientEngine, "epie": EPIEEngine, "lsqml": LSQMLEngine}
 
 
 def make_engine(stage, context, measurement, state, seed: int, stage_index: int = 0):

@@ -1,0 +1,230 @@
+"""ePIE engine: extended ptychographic iterative engine for mixed-state multislice (3PIE scheme).
+
+Per batch (all positions of the batch at once): exit waves through the slices (the same
+physics as :mod:`ptycore.physics.multislice`, keeping each slice's incident wave), then the
+far-field amplitude is replaced by the measured one, ``F' = sqrt(I_meas) F / sqrt(sum_modes |F|^2)``,
+and the exit-wave difference ``chi`` is back-propagated through the slices:
+
+- slice ``s`` (last to first): the transmission gets ``alpha * sum_b conj(psi_b) chi_b / max(sum_b |psi_b|^2)``
+  (summed over probe modes, positions scatter-added into the object frame with ``.at[].add``);
+- the wave incident on slice ``s`` gets ``conj(O_b) chi_b / max|O_b|^2`` per position, which is
+  propagated back (adjoint Fresnel kernel) to give the ``chi`` of slice ``s - 1``;
+- at the first slice that wave is the (shifted) probe: the probe gets
+  ``beta * sum_b unshift(conj(O_b) chi_b) / max(sum_b |O_b|^2)``.
+
+With one position per batch this is classic ePIE (normalised by the maxima of |probe|^2 and
+|object|^2); with larger batches the normalisation by the accumulated illumination keeps the
+summed overlapping updates stable. All updates in a batch use the object and probe from the
+start of the batch.
+
+Step sizes come from the stage's ``optimize`` entries: ``object_phase`` / ``object_amplitude``
+``lr`` is the object step ``alpha`` (applied to the phase and the amplitude separately),
+``probe`` ``lr`` is ``beta``; start/stop iterations and schedules are passed as data (no
+recompiles). The state keeps amplitude and phase separately: the complex update
+``T' = T + alpha dT`` is converted back as ``amplitude = |T'|`` and ``phase += angle(T' / T)``
+(the phase *increment* of one batch is wrapped into (-pi, pi], the accumulated phase is not,
+so phases beyond pi survive as long as one batch's change is < pi; an object amplitude near
+0 makes the increment ill-defined). Positions, tilts and slice thickness are not refined by
+this engine (the plan rejects them); object modes must be 1. Loss terms in ``terms`` are the
+stage's data losses computed on the batch's model before its update (``single`` always), so
+histories compare with the gradient engine's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ptycore.physics.multislice import transmission
+from ptycore.physics.propagation import fresnel_kernel
+from ptycore.physics.shifts import crop_patches, shift_ramp, split_positions
+from ptycore.plan import PROJECTION_PARAMETERS
+from ptycore.recon.constraints import apply_constraints
+from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.losses import DATA_LOSSES, single
+from ptycore.recon.state import State
+
+_EPS = 1e-12
+
+
+def _sum_modes(x):
+    return jnp.sum(x, axis=1)
+
+
+class ProjectionEngine:
+    """Shared machinery of ePIE and LSQML: forward with stored waves, Fourier projection,
+    per-iteration compiled loop over batches, constraints, terms. Subclasses implement
+    :meth:`_update` (the back-propagation of ``chi`` into object and probe updates)."""
+
+    def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
+        if state.object_phase.shape[0] != 1:
+            raise ValueError(f"engine {stage.engine!r} supports one object mode, got {state.object_phase.shape[0]}")
+        unsupported = [n for n in stage.optimize if n not in PROJECTION_PARAMETERS]
+        if unsupported:
+            raise ValueError(f"engine {stage.engine!r} cannot refine {', '.join(unsupported)}")
+        self.stage = stage
+        self.ctx = context
+        self.seed = seed
+        self.stage_index = stage_index
+        self.per_position_tilts = state.tilts_mrad.ndim == 2
+        self.constraints = stage.constraints.active()
+        self.data_losses = [n for n in stage.losses if n in DATA_LOSSES and n != "single"]
+        self.measured = measurement.intensities
+        self.positions0 = np.asarray(state.positions_A)
+        self.train_idx, self.val_idx = split_validation(measurement.n_positions, stage.validation_fraction, seed)
+        self.batch_size = min(stage.batch_size, len(self.train_idx))
+        self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+
+    # ------------------------------------------------------------ carry
+    def init_carry(self, state: State):
+        return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
+
+    def to_state(self, carry) -> State:
+        return carry
+
+    def compilations(self) -> int:
+        return int(self._iteration._cache_size())
+
+    # ------------------------------------------------------------ physics with stored waves
+    def _forward(self, state: State, idx):
+        """Waves incident on every slice, the exit wave and what the update needs."""
+        optics = self.ctx.optics
+        window = optics.grid.shape
+        top_left, frac = split_positions(state.positions_A[idx], optics.grid.pixel_size_A, window)
+        t = transmission(state.object_amplitude, state.object_phase)[0]  # (slices, Hy, Wx)
+        patches = crop_patches(t, top_left, window)  # (batch, slices, ny, nx)
+        ramp = shift_ramp(window, frac)  # (batch, ny, nx)
+        probe = jnp.fft.ifft2(jnp.fft.fft2(state.probe)[None] * ramp[:, None])  # (batch, modes, ny, nx)
+        tilts = state.tilts_mrad[idx] if self.per_position_tilts else state.tilts_mrad
+        kernel = fresnel_kernel(optics.grid, optics.wavelength_A, state.slice_thickness_A,
+                                jnp.asarray(tilts, jnp.float32), optics.bandlimit)
+        if kernel.ndim == 3:
+            kernel = kernel[:, None]
+        incident = [probe]
+        wave = probe * patches[:, 0, None]
+        for s in range(1, t.shape[0]):
+            wave = jnp.fft.ifft2(jnp.fft.fft2(wave) * kernel) * patches[:, s, None]
+            incident.append(wave)
+        return {"top_left": top_left, "ramp": ramp, "patches": patches, "incident": incident, "exit": wave,
+                "kernel": kernel, "transmission": t}
+
+    def _model(self, state: State, idx):
+        far = jnp.fft.fft2(self._forward(state, idx)["exit"], norm="ortho")
+        return _sum_modes(far.real**2 + far.imag**2)
+
+    def _project(self, fwd, measured, mask):
+        """Modulus projection: ``chi`` (batch, modes, ny, nx) and the model intensities."""
+        far = jnp.fft.fft2(fwd["exit"], norm="ortho")
+        model = _sum_modes(far.real**2 + far.imag**2)
+        factor = jnp.sqrt(measured) / jnp.sqrt(model + _EPS)
+        chi = jnp.fft.ifft2(far * (factor[:, None] - 1.0), norm="ortho") * mask[:, None, None, None]
+        return chi, model
+
+    # ------------------------------------------------------------ helpers for the updates
+    def _scatter(self, values, top_left, shape):
+        """Sum patches ``values`` (batch, ny, nx) into an object-frame array ``shape`` at ``top_left``
+        (the transpose of the crop: one scatter-add, overlapping patches accumulate)."""
+        crop = lambda a: crop_patches(a, top_left, values.shape[-2:])  # noqa: E731
+        return jax.linear_transpose(crop, jnp.zeros(shape, values.dtype))(values)[0]
+
+    @staticmethod
+    def _unshift(values, ramp):
+        """Adjoint of the probe's sub-pixel shift: (batch, modes, ny, nx) back to the probe frame."""
+        return jnp.fft.ifft2(jnp.fft.fft2(values) * jnp.conj(ramp)[:, None])
+
+    @staticmethod
+    def _back_propagate(values, kernel):
+        return jnp.fft.ifft2(jnp.fft.fft2(values) * jnp.conj(kernel))
+
+    @staticmethod
+    def _apply_object(state: State, dt, lr_phase, lr_amplitude):
+        """Add the complex update ``dt`` (slices, Hy, Wx) with separate steps for phase and amplitude."""
+        t = transmission(state.object_amplitude, state.object_phase)[0]
+        t_phase = t + lr_phase * dt
+        increment = jnp.angle(t_phase * jnp.conj(t))
+        phase = jnp.where(lr_phase > 0, state.object_phase + increment[None], state.object_phase)
+        amplitude = jnp.where(lr_amplitude > 0, jnp.abs(t + lr_amplitude * dt)[None], state.object_amplitude)
+        return state._replace(object_phase=phase.astype(state.object_phase.dtype),
+                              object_amplitude=amplitude.astype(state.object_amplitude.dtype))
+
+    # ------------------------------------------------------------ ePIE update
+    def _update(self, state: State, fwd, chi, mask, lr):
+        t = fwd["transmission"]
+        top_left, patches = fwd["top_left"], fwd["patches"]
+        weight = mask[:, None, None]
+        dt = []
+        for s in reversed(range(t.shape[0])):
+            psi = fwd["incident"][s]
+            obj = patches[:, s]
+            num = self._scatter(_sum_modes(jnp.conj(psi) * chi), top_left, t.shape[-2:])
+            illum = self._scatter(_sum_modes(jnp.abs(psi) ** 2) * weight, top_left, t.shape[-2:])
+            dt.append(num / (jnp.max(illum) + _EPS))
+            obj2 = jnp.abs(obj) ** 2
+            if s > 0:
+                dpsi = jnp.conj(obj)[:, None] * chi / (jnp.max(obj2, axis=(-2, -1))[:, None, None, None] + _EPS)
+                chi = self._back_propagate(dpsi, fwd["kernel"])
+            else:
+                dprobe = jnp.sum(self._unshift(jnp.conj(obj)[:, None] * chi, fwd["ramp"]), axis=0)
+                norm = jnp.max(jnp.sum(obj2 * weight, axis=0)) + _EPS
+                probe = state.probe + (lr["probe"] * dprobe / norm).astype(state.probe.dtype)
+        dt = jnp.stack(dt[::-1])
+        state = self._apply_object(state, dt, lr["object_phase"], lr["object_amplitude"])
+        return state._replace(probe=probe)
+
+    # ------------------------------------------------------------ the compiled iteration
+    def _iteration_impl(self, state, measured, batches, masks, val_batches, val_masks, hyper):
+        def step(state, batch):
+            idx, mask = batch
+            fwd = self._forward(state, idx)
+            meas = measured[idx]
+            chi, model = self._project(fwd, meas, mask)
+            terms = {"single": single(model, meas, mask)}
+            for name in self.data_losses:
+                terms[name] = DATA_LOSSES[name](model, meas, mask)
+            return self._update(state, fwd, chi, mask, hyper["lr"]), terms
+
+        state, terms = lax.scan(step, state, (batches, masks))
+        state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
+        out = {k: jnp.mean(v) for k, v in terms.items()}
+        if val_batches is not None:
+            def val_step(_, batch):
+                idx, mask = batch
+                return None, single(self._model(state, idx), measured[idx], mask)
+
+            _, val = lax.scan(val_step, None, (val_batches, val_masks))
+            out["validation"] = jnp.mean(val)
+        power = jnp.sum(jnp.abs(state.probe) ** 2, axis=(-2, -1))
+        out["probe_mode_powers"] = power / jnp.sum(power)
+        return state, out
+
+    # ------------------------------------------------------------ per-iteration host side
+    def hyper(self, it: int) -> dict:
+        cfg = self.stage.optimize
+        flags = [c.due(it) for c in self.constraints.values()]
+        return {
+            "lr": {n: jnp.float32(cfg[n].lr_at(it) if n in cfg else 0.0) for n in PROJECTION_PARAMETERS},
+            "constraints": jnp.asarray(flags if flags else [False], dtype=bool),
+        }
+
+    def batches(self, it: int):
+        rng = np.random.default_rng([self.seed, self.stage_index, it])
+        return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
+
+    def validation_batches(self):
+        if len(self.val_idx) == 0:
+            return None, None
+        rng = np.random.default_rng([self.seed, self.stage_index, 0])
+        idx, mask = make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
+        return jnp.asarray(idx), jnp.asarray(mask)
+
+    def iteration(self, carry, it: int):
+        idx, mask = self.batches(it)
+        val_idx, val_mask = self.validation_batches()
+        return self._iteration(carry, self.measured, jnp.asarray(idx), jnp.asarray(mask), val_idx, val_mask,
+                               self.hyper(it))
+
+
+class EPIEEngine(ProjectionEngine):
+    """Batched mixed-state multislice ePIE (see the module docstring)."""
