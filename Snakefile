@@ -4,6 +4,7 @@
 #   snakemake --profile profiles/local            # whole DAG on this machine
 #   snakemake --profile profiles/slurm            # on a Slurm cluster (GPU partition for reconstruct)
 #   snakemake --profile profiles/local figures    # paper figures and tables → results/figures
+#                                                 # (overview/ and one directory per study in config studies)
 #   snakemake --profile profiles/local dataset_NAME    # one dataset, every plan
 #
 # Each rule is a thin call of one `ptycore` verb; outputs are zarr stores under
@@ -36,6 +37,7 @@ try:
     PLANS = collect_plans(
         list(dict.fromkeys(config["plans"] + [p for d in DATASETS.values() for p in d.get("plans", [])]))
     )
+    STUDIES = collect_studies(config["studies"], PLANS, DATASETS)
 except ValueError as _err:
     raise WorkflowError(f"invalid config: {_err}") from None
 
@@ -83,11 +85,11 @@ rule evaluations:
 
 
 rule figures:
-    """Paper figures and tables → results/figures. For now: the aggregate of the evaluated
-    datasets (the plans in config figures.plans, default all); the study machinery will add
-    per-study figures here."""
+    """Paper figures and tables → results/figures: overview/ (the aggregate of the evaluated
+    datasets for the plans in config figures.plans, default all; none for []) and, for each study
+    in config studies, results/figures/NAME/ (table.csv, study_<metric>.png, report.html)."""
     input:
-        f"{RESULTS}/figures",
+        figure_targets(),
 
 
 # one target per dataset: `snakemake dataset_NAME` runs that dataset through every plan
@@ -103,3 +105,4 @@ for _name in DATASETS:
 include: "workflow/rules/data.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/studies.smk"

@@ -25,7 +25,10 @@ Inputs
         - {plan: bs64, value: 64}
 
   One line per group of matched runs: per dataset when the runs are picked by plan, per plan
-  when picked by dataset.
+  when picked by dataset. Optional per run: ``series`` (a label: one line per series, e.g. the
+  level of a second, crossed factor) and ``columns`` (a mapping of study columns, e.g. the
+  factor levels and seed, written into ``table.csv``). ``ptycore.studies`` writes this format
+  from a study definition (``config/studies/*.yaml``).
 
 Outputs (``--out DIR``, written atomically)
 -------------------------------------------
@@ -36,6 +39,9 @@ Outputs (``--out DIR``, written atomically)
   ``error``, and ``_ARRAY_DIMENSIONS`` attributes so ``xarray.open_zarr`` reads it as a dataset;
 * ``report.html``: the index, linking each run's report (relative path), failed runs in red
   with their error line, figures embedded;
+* ``table.csv`` (with ``--study``): one row per study run × dataset: ``dataset, plan``, the run's
+  ``columns``, ``value`` (the factor level), ``status``, then the study's metrics and
+  ``STUDY_TABLE_METRICS`` (floats written exactly, as ``repr``);
 * figures: ``ssim.png`` (SSIM of the depth-summed phase per run, when any run has a truth),
   ``information_limit.png``, ``final_loss.png``, and ``study_<metric>.png`` with ``--study``.
 """
@@ -61,6 +67,9 @@ BAR_FIGURES = [
      "information_limit.png"),
     ("final_loss", "final data-fit loss", "Final data-fit loss per run", "final_loss.png"),
 ]
+#: metrics in a study's table.csv besides the study's own
+STUDY_TABLE_METRICS = ["ssim_phase_sum", "final_loss", "validation_loss", "iterations", "s_per_iter_median",
+                       "iterations_to_90pct_loss_drop", "seconds_to_90pct_loss_drop"]
 
 
 # ---------------------------------------------------------------- inputs
@@ -204,6 +213,8 @@ def read_study(path: Path) -> dict:
     for i, run in enumerate(study["runs"]):
         if not isinstance(run, dict) or "value" not in run or not (run.get("dataset") or run.get("plan")):
             raise InvalidData(f"{path}: runs[{i}] needs 'value' and 'dataset' and/or 'plan'")
+        if "columns" in run and not isinstance(run["columns"], dict):
+            raise InvalidData(f"{path}: runs[{i}].columns must be a mapping")
     metrics = study.get("metrics")
     if metrics is not None and not (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)):
         raise InvalidData(f"{path}: 'metrics' must be a list of metric names")
@@ -346,7 +357,11 @@ def study_figures(rows: list[dict], out: Path, study: dict) -> list[tuple[str, s
                     continue
                 if spec.get("plan") and r.get("plan") != spec["plan"]:
                     continue
-                group = " / ".join(str(r.get(k)) for k in ("dataset", "plan") if not spec.get(k)) or "runs"
+                parts = [str(r.get(k)) for k in ("dataset", "plan") if not spec.get(k)] or [str(r.get("dataset"))]
+                if spec.get("series") is not None:
+                    parts = [str(spec["series"])] + (parts if len({s.get("dataset") for s in study["runs"]}) > 1
+                                                     else [])
+                group = " / ".join(parts) or "runs"
                 xs, ys = series.setdefault(group, ([], []))
                 xs.append(spec["value"])
                 ys.append(float(r[metric]))
@@ -358,6 +373,29 @@ def study_figures(rows: list[dict], out: Path, study: dict) -> list[tuple[str, s
                          log_x=bool(study.get("log_x")))
         made.append((str(out / name), title))
     return made
+
+
+def _matches(spec: dict, row: dict) -> bool:
+    return all(not spec.get(k) or row.get(k) == spec[k] for k in ("dataset", "plan"))
+
+
+def write_study_table(rows: list[dict], study: dict, path: Path) -> None:
+    """One row per study run entry (× matching evaluation): its columns, value, status and metrics."""
+    metrics = list(dict.fromkeys([*(study.get("metrics") or []), *STUDY_TABLE_METRICS]))
+    extra = list(dict.fromkeys(k for spec in study["runs"] for k in (spec.get("columns") or {})))
+    header = ["dataset", "plan", *extra, "value", "status", "error", *metrics]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for spec in study["runs"]:
+            matched = [r for r in rows if _matches(spec, r)] or [
+                {"dataset": spec.get("dataset"), "plan": spec.get("plan"), "status": "missing"}]
+            for r in matched:
+                flat = _flatten(r)
+                cols = spec.get("columns") or {}
+                values = [r.get("dataset"), r.get("plan"), *(cols.get(k) for k in extra), spec["value"],
+                          r.get("status"), r.get("error"), *(flat.get(m) for m in metrics)]
+                writer.writerow([_csv_value(v) for v in values])
 
 
 # ---------------------------------------------------------------- the verb
@@ -382,6 +420,8 @@ def aggregate(evals, out, *, failures=None, failed_logs=(), study=None, title="p
         columns = write_csv(rows, tmp / "metrics.csv")
         write_zarr(rows, tmp / "metrics.zarr", columns)
         figures = make_figures(rows, tmp, study_cfg)
+        if study_cfg is not None:
+            write_study_table(rows, study_cfg, tmp / "table.csv")
         # links are relative to the final directory (a sibling of tmp, so the same relative paths)
         html = index_report(rows, out, [(p, caption) for p, caption in figures], title=title)
         (tmp / "report.html").write_text(html, encoding="utf-8")

@@ -45,8 +45,10 @@ def summary(root: Path = ROOT) -> list[str]:
             report = ev / "report.html"
             lines.append(f"  {dataset} / {plan}: {_show(ev.parent / 'stages')}/  "
                          f"{_show(report if report.exists() else ev)}")
-    for name, what in (("aggregate", "Across datasets"), ("figures", "Figures and tables")):
-        out = results / name
+    outs = [(results / "aggregate", "Across datasets"), (results / "figures" / "overview", "Figures and tables")]
+    outs += [(d, f"Study {d.name}") for d in sorted((results / "figures").glob("*"))
+             if d.is_dir() and d.name != "overview"]
+    for out, what in outs:
         if out.is_dir():
             report = out / "report.html"
             lines.append(f"{what}: {_show(report if report.exists() else out)}")

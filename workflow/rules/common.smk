@@ -177,6 +177,70 @@ def collect_plans(names):
     return plans
 
 
+# ---------------------------------------------------------------- studies
+FIGURES = f"{RESULTS}/figures"
+OVERVIEW = f"{FIGURES}/overview"
+
+
+def study_dir(name):
+    return f"{RESULTS}/studies/{name}"
+
+
+def collect_studies(paths, plans, datasets):
+    """Load each study (ptycore.studies), write its derived plans under results/studies/NAME/plans/
+    (only when changed, so unchanged plans rerun nothing) and register them in `plans`, marked as
+    study plans (never run by `all`). Returns {name: {path, runs, evals, spec}}."""
+    from ptycore.errors import PtycoreError
+    from ptycore.studies import load_study, materialise
+
+    studies = {}
+    for p in paths:
+        path = resolve(p)
+        try:
+            study = load_study(path)
+            name = study.name
+            if name in studies:
+                raise ValueError(f"studies: two studies named {name!r}")
+            if name == Path(OVERVIEW).name:
+                raise ValueError(f"studies: {p}: the name {name!r} is taken by the figures overview")
+            study, runs = materialise(path, study_dir(name), plan_path(study.plan))
+        except PtycoreError as err:
+            raise ValueError(str(err)) from None
+        unknown = [d for d in study.datasets if d not in datasets]
+        if unknown:
+            raise ValueError(f"study {p}: datasets: unknown {unknown} (known: {', '.join(datasets) or 'none'})")
+        pairs = []
+        for run in runs:
+            plan = run.plan_name(name)
+            plans[plan] = {
+                "path": f"{study_dir(name)}/plans/{plan}.yaml",
+                "stages": [str(s["name"]) for s in run.plan["stages"]],
+                "study": name,
+            }
+            pairs += [(d, plan) for d in run.datasets]
+        studies[name] = {
+            "path": path,
+            "runs": runs,
+            "pairs": pairs,
+            "evals": [eval_dir(d, p) for d, p in pairs],
+            "spec": f"{study_dir(name)}/aggregate.yaml",
+        }
+    return studies
+
+
+def study_entry(name):
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise WorkflowError(f"unknown study {name!r} (known: {', '.join(STUDIES) or 'none'})") from None
+
+
+def figure_targets():
+    """What `figures` builds: the overview (unless figures.plans is []) and one directory per study."""
+    targets = [] if config["figures"].get("plans") == [] else [OVERVIEW]
+    return targets + [f"{FIGURES}/{name}" for name in STUDIES]
+
+
 # ---------------------------------------------------------------- resources
 BUILTIN_RESOURCES = {
     "default": {"cpus": 1, "mem_mb": 2000, "runtime": 30},
@@ -185,6 +249,7 @@ BUILTIN_RESOURCES = {
     "init": {"mem_mb": 4000},
     "reconstruct": {"cpus": 4, "mem_mb": 16000, "runtime": 240, "gpu": True},
     "evaluate": {"mem_mb": 4000},
+    "study": {"mem_mb": 4000},
 }
 
 
@@ -250,7 +315,7 @@ def eval_dir(dataset, plan):
 
 def dataset_plans(dataset):
     wanted = DATASETS[dataset].get("plans")
-    return [plan_name(p) for p in wanted] if wanted else list(PLANS)
+    return [plan_name(p) for p in wanted] if wanted else [p for p in PLANS if "study" not in PLANS[p]]
 
 
 def dataset_stores(dataset):
@@ -407,29 +472,29 @@ def first_error_line(log):
     return lines[-1] if lines else None
 
 
-def failed_runs(plans=None):
+def failed_runs(plans=None, pairs=None):
     """Each expected dataset × plan without an evaluation: the first step whose output is missing
-    (snakemake removes the outputs of a failed job), its log and the log's first error line."""
+    (snakemake removes the outputs of a failed job), its log and the log's first error line.
+    `pairs`: the (dataset, plan) pairs to check (default: every dataset × its plans in `plans`)."""
+    if pairs is None:
+        pairs = [(d, p) for d in DATASETS for p in dataset_plans(d) if plans is None or p in plans]
     failed = []
-    for dataset in DATASETS:
-        for plan in dataset_plans(dataset):
-            if plans is not None and plan not in plans:
-                continue
-            for step, output, log in steps_of(dataset, plan):
-                if not Path(output).exists():
-                    break
-            else:
-                continue
-            error = first_error_line(log) if Path(log).exists() else None
-            failed.append(
-                {
-                    "dataset": dataset,
-                    "plan": plan,
-                    "step": step,
-                    "log": log,
-                    "error": error or "not run (stopped before this step)",
-                }
-            )
+    for dataset, plan in pairs:
+        for step, output, log in steps_of(dataset, plan):
+            if not Path(output).exists():
+                break
+        else:
+            continue
+        error = first_error_line(log) if Path(log).exists() else None
+        failed.append(
+            {
+                "dataset": dataset,
+                "plan": plan,
+                "step": step,
+                "log": log,
+                "error": error or "not run (stopped before this step)",
+            }
+        )
     return failed
 
 
@@ -440,13 +505,21 @@ def aggregate_despite_failures():
     targets = {job.rule.name for job in workflow.dag.targetjobs}
     wanted = []
     if targets & {"all", "aggregate"}:
-        wanted.append(("aggregate", None))
-    if targets & {"figures", "figures_aggregate"}:
-        wanted.append(("figures", config["figures"].get("plans")))
-    for name, plans in wanted:
-        evals = [e for e in all_evals(plans) if Path(e).exists()]
-        failures = failed_runs(plans)
-        out, log = Path(f"{RESULTS}/{name}"), Path(f"{LOGS}/{name}.log")
+        wanted.append(("aggregate", None, None))
+    if targets & {"figures", "figures_aggregate"} and OVERVIEW in figure_targets():
+        wanted.append(("figures", config["figures"].get("plans"), None))
+    if targets & {"figures", "study_aggregate"}:
+        wanted += [(f"studies/{name}", None, name) for name in STUDIES]
+    for name, plans, study_name in wanted:
+        study = STUDIES[study_name] if study_name else None
+        if study is None:
+            evals, failures = all_evals(plans), failed_runs(plans)
+            out = Path(OVERVIEW if name == "figures" else f"{RESULTS}/{name}")
+        else:
+            evals, failures = study["evals"], failed_runs(pairs=study["pairs"])
+            out = Path(f"{FIGURES}/{study_name}")
+        evals = [e for e in evals if Path(e).exists()]
+        log = Path(f"{LOGS}/{name}.log")
         failures_file = Path(f"{LOGS}/{name}-failures.json")
         failures_file.parent.mkdir(parents=True, exist_ok=True)
         failures_file.write_text(json.dumps(failures, indent=1, ensure_ascii=False) + "\n")
@@ -457,7 +530,9 @@ def aggregate_despite_failures():
         if out.exists():
             shutil.rmtree(out)
         title = "ptycore results" if name == "aggregate" else "ptycore figures"
+        title = title if study is None else f"study {out.name}"
         cmd = ["ptycore", "aggregate", "--failures", str(failures_file), "--title", title, "--out", str(out)]
+        cmd += ["--study", study["spec"]] if study is not None else []
         cmd += ["--evals", *evals] if evals else []
         with open(log, "w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -476,7 +551,9 @@ def aggregate_despite_failures():
 
 def clear_stale_failures():
     """onsuccess hook: a failures list older than its (now rebuilt) aggregate is out of date."""
-    for name in ("aggregate", "figures"):
-        failures, out = Path(f"{LOGS}/{name}-failures.json"), Path(f"{RESULTS}/{name}")
+    outs = {"aggregate": f"{RESULTS}/aggregate", "figures": OVERVIEW}
+    outs.update({f"studies/{study}": f"{FIGURES}/{study}" for study in STUDIES})
+    for name, out in outs.items():
+        failures, out = Path(f"{LOGS}/{name}-failures.json"), Path(out)
         if failures.exists() and out.exists() and out.stat().st_mtime > failures.stat().st_mtime:
             failures.unlink()

@@ -43,12 +43,12 @@ rule aggregate:
 
 
 rule figures_aggregate:
-    """Paper figures and tables. Until the study machinery lands: the aggregate of the evaluated
-    datasets for the plans in config figures.plans (default: every plan)."""
+    """The figures overview: the aggregate of the evaluated datasets for the plans in config
+    figures.plans (default: every plan). Per-study figures: workflow/rules/studies.smk."""
     input:
         evals=all_evals(config["figures"].get("plans")),
     output:
-        directory(f"{RESULTS}/figures"),
+        directory(OVERVIEW),
     log:
         f"{LOGS}/figures.log",
     benchmark:
