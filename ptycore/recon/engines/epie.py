@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ptycore.physics.multislice import transmission
@@ -42,7 +41,7 @@ from ptycore.physics.propagation import fresnel_kernel
 from ptycore.physics.shifts import crop_patches, shift_ramp, split_positions
 from ptycore.plan import PROJECTION_PARAMETERS
 from ptycore.recon.constraints import apply_constraints
-from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.engines.base import Engine
 from ptycore.recon.losses import DATA_LOSSES, single
 from ptycore.recon.state import State
 
@@ -53,7 +52,7 @@ def _sum_modes(x):
     return jnp.sum(x, axis=1)
 
 
-class ProjectionEngine:
+class ProjectionEngine(Engine):
     """Shared machinery of ePIE and LSQML: forward with stored waves, Fourier projection,
     per-iteration compiled loop over batches, constraints, terms. Subclasses implement
     :meth:`_update` (the back-propagation of ``chi`` into object and probe updates)."""
@@ -64,18 +63,8 @@ class ProjectionEngine:
         unsupported = [n for n in stage.optimize if n not in PROJECTION_PARAMETERS]
         if unsupported:
             raise ValueError(f"engine {stage.engine!r} cannot refine {', '.join(unsupported)}")
-        self.stage = stage
-        self.ctx = context
-        self.seed = seed
-        self.stage_index = stage_index
-        self.per_position_tilts = state.tilts_mrad.ndim == 2
-        self.constraints = stage.constraints.active()
         self.data_losses = [n for n in stage.losses if n in DATA_LOSSES and n != "single"]
-        self.measured = measurement.intensities
-        self.positions0 = np.asarray(state.positions_A)
-        self.train_idx, self.val_idx = split_validation(measurement.n_positions, stage.validation_fraction, seed)
-        self.batch_size = min(stage.batch_size, len(self.train_idx))
-        self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+        super().__init__(stage, context, measurement, state, seed=seed, stage_index=stage_index)
 
     # ------------------------------------------------------------ carry
     def init_carry(self, state: State):
@@ -83,9 +72,6 @@ class ProjectionEngine:
 
     def to_state(self, carry) -> State:
         return carry
-
-    def compilations(self) -> int:
-        return int(self._iteration._cache_size())
 
     # ------------------------------------------------------------ physics with stored waves
     def _forward(self, state: State, idx):
@@ -187,43 +173,16 @@ class ProjectionEngine:
 
         state, terms = lax.scan(step, state, (batches, masks))
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
-        out = {k: jnp.mean(v) for k, v in terms.items()}
-        if val_batches is not None:
-            def val_step(_, batch):
-                idx, mask = batch
-                return None, single(self._model(state, idx), measured[idx], mask)
-
-            _, val = lax.scan(val_step, None, (val_batches, val_masks))
-            out["validation"] = jnp.mean(val)
-        power = jnp.sum(jnp.abs(state.probe) ** 2, axis=(-2, -1))
-        out["probe_mode_powers"] = power / jnp.sum(power)
+        out = self.summarise(state, measured, terms, val_batches, val_masks, single)
         return state, out
 
     # ------------------------------------------------------------ per-iteration host side
     def hyper(self, it: int) -> dict:
         cfg = self.stage.optimize
-        flags = [c.due(it) for c in self.constraints.values()]
         return {
             "lr": {n: jnp.float32(cfg[n].lr_at(it) if n in cfg else 0.0) for n in PROJECTION_PARAMETERS},
-            "constraints": jnp.asarray(flags if flags else [False], dtype=bool),
+            "constraints": self.constraint_flags(it),
         }
-
-    def batches(self, it: int):
-        rng = np.random.default_rng([self.seed, self.stage_index, it])
-        return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
-
-    def validation_batches(self):
-        if len(self.val_idx) == 0:
-            return None, None
-        rng = np.random.default_rng([self.seed, self.stage_index, 0])
-        idx, mask = make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
-        return jnp.asarray(idx), jnp.asarray(mask)
-
-    def iteration(self, carry, it: int):
-        idx, mask = self.batches(it)
-        val_idx, val_mask = self.validation_batches()
-        return self._iteration(carry, self.measured, jnp.asarray(idx), jnp.asarray(mask), val_idx, val_mask,
-                               self.hyper(it))
 
 
 class EPIEEngine(ProjectionEngine):

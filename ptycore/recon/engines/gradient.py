@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from ptycore.physics.multislice import intensities
 from ptycore.recon.constraints import apply_constraints
-from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.engines.base import Engine
 from ptycore.recon.losses import DATA_LOSSES, OBJECT_LOSSES
 from ptycore.recon.state import State
 
@@ -49,26 +48,15 @@ def data_fit_name(losses) -> str:
     raise ValueError("no data-fit loss")
 
 
-class GradientEngine:
+class GradientEngine(Engine):
     def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
-        self.stage = stage
-        self.ctx = context
-        self.seed = seed
-        self.stage_index = stage_index
         self.names = [n for n in stage.optimize if n in FIELDS]
         self.transforms = {n: _transform(stage.optimize[n]) for n in self.names}
-        self.per_position_tilts = state.tilts_mrad.ndim == 2
         self.loss_names = list(stage.losses)
-        self.constraints = stage.constraints.active()
         self.fit_name = data_fit_name(stage.losses)
         # the probe learns in units of its initial peak amplitude, so its lr is dose-independent
         self.probe_scale = float(jnp.max(jnp.abs(state.probe))) or 1.0
-        self.measured = measurement.intensities
-        self.positions0 = np.asarray(state.positions_A)
-        n = measurement.n_positions
-        self.train_idx, self.val_idx = split_validation(n, stage.validation_fraction, seed)
-        self.batch_size = min(stage.batch_size, len(self.train_idx))
-        self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+        super().__init__(stage, context, measurement, state, seed=seed, stage_index=stage_index)
 
     # ------------------------------------------------------------ parameter views
     def _params(self, state: State) -> dict:
@@ -107,9 +95,6 @@ class GradientEngine:
     def to_state(self, carry) -> State:
         return carry[0]
 
-    def compilations(self) -> int:
-        return int(self._iteration._cache_size())
-
     # ------------------------------------------------------------ the compiled iteration
     def _model(self, state: State, idx):
         tilts = state.tilts_mrad[idx] if self.per_position_tilts else state.tilts_mrad
@@ -146,43 +131,15 @@ class GradientEngine:
 
         (state, opt), terms = lax.scan(step, carry, (batches, masks))
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
-        out = {k: jnp.mean(v) for k, v in terms.items()}
-        if val_batches is not None:
-            def val_step(_, batch):
-                idx, mask = batch
-                return None, DATA_LOSSES[self.fit_name](self._model(state, idx), measured[idx], mask)
-
-            _, val = lax.scan(val_step, None, (val_batches, val_masks))
-            out["validation"] = jnp.mean(val)
-        power = jnp.sum(jnp.abs(state.probe) ** 2, axis=(-2, -1))
-        out["probe_mode_powers"] = power / jnp.sum(power)
+        out = self.summarise(state, measured, terms, val_batches, val_masks, DATA_LOSSES[self.fit_name])
         return (state, opt), out
 
     # ------------------------------------------------------------ per-iteration host side
     def hyper(self, it: int) -> dict:
         cfg = self.stage.optimize
-        flags = [c.due(it) for c in self.constraints.values()]
         return {
             "lr": {n: jnp.float32(cfg[n].lr_at(it)) for n in self.names},
             "active": {n: jnp.bool_(cfg[n].active_at(it)) for n in self.names},
             "weights": {n: jnp.float32(loss.weight.at(it)) for n, loss in self.stage.losses.items()},
-            "constraints": jnp.asarray(flags if flags else [False], dtype=bool),
+            "constraints": self.constraint_flags(it),
         }
-
-    def batches(self, it: int):
-        rng = np.random.default_rng([self.seed, self.stage_index, it])
-        return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
-
-    def validation_batches(self):
-        if len(self.val_idx) == 0:
-            return None, None
-        rng = np.random.default_rng([self.seed, self.stage_index, 0])
-        idx, mask = make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
-        return jnp.asarray(idx), jnp.asarray(mask)
-
-    def iteration(self, carry, it: int):
-        idx, mask = self.batches(it)
-        val_idx, val_mask = self.validation_batches()
-        carry, terms = self._iteration(carry, self.measured, jnp.asarray(idx), jnp.asarray(mask),
-                                       val_idx, val_mask, self.hyper(it))
-        return carry, terms

@@ -1,0 +1,70 @@
+"""What every engine shares: seeds, batching, held-out positions, the compiled iteration call.
+
+A subclass sets up its own fields after ``super().__init__`` and implements
+``_iteration_impl(carry, measured, batches, masks, val_batches, val_masks, hyper)`` (jitted
+here with the carry donated), ``hyper(it)`` (per-iteration data: rates, switches),
+``init_carry`` and ``to_state``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.state import State
+
+
+class Engine:
+    def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
+        self.stage = stage
+        self.ctx = context
+        self.seed = seed
+        self.stage_index = stage_index
+        self.per_position_tilts = state.tilts_mrad.ndim == 2
+        self.constraints = stage.constraints.active()
+        self.measured = measurement.intensities
+        self.positions0 = np.asarray(state.positions_A)
+        self.train_idx, self.val_idx = split_validation(measurement.n_positions, stage.validation_fraction, seed)
+        self.batch_size = min(stage.batch_size, len(self.train_idx))
+        self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+
+    def summarise(self, state, measured, terms, val_batches, val_masks, fit):
+        """Inside the compiled iteration: batch-mean terms, the held-out loss (``fit`` on the
+        validation batches, if any) and the probe's relative mode powers."""
+        out = {k: jnp.mean(v) for k, v in terms.items()}
+        if val_batches is not None:
+            def val_step(_, batch):
+                idx, mask = batch
+                return None, fit(self._model(state, idx), measured[idx], mask)
+
+            _, val = jax.lax.scan(val_step, None, (val_batches, val_masks))
+            out["validation"] = jnp.mean(val)
+        power = jnp.sum(jnp.abs(state.probe) ** 2, axis=(-2, -1))
+        out["probe_mode_powers"] = power / jnp.sum(power)
+        return out
+
+    def compilations(self) -> int:
+        return int(self._iteration._cache_size())
+
+    def constraint_flags(self, it: int):
+        flags = [c.due(it) for c in self.constraints.values()]
+        return jnp.asarray(flags if flags else [False], dtype=bool)
+
+    def batches(self, it: int):
+        rng = np.random.default_rng([self.seed, self.stage_index, it])
+        return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
+
+    def validation_batches(self):
+        if len(self.val_idx) == 0:
+            return None, None
+        rng = np.random.default_rng([self.seed, self.stage_index, 0])
+        idx, mask = make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
+        return jnp.asarray(idx), jnp.asarray(mask)
+
+    def iteration(self, carry, it: int):
+        idx, mask = self.batches(it)
+        val_idx, val_mask = self.validation_batches()
+        return self._iteration(carry, self.measured, jnp.asarray(idx), jnp.asarray(mask), val_idx, val_mask,
+                               self.hyper(it))
