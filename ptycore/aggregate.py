@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from ptycore.errors import InvalidArgument, InvalidData
-from ptycore.store import atomic_output, create_store, now_iso, write_array
+from ptycore.store import atomic_output, create_store, now_iso, refuse_existing, write_array
 
 ID_COLUMNS = ["dataset", "plan", "status", "step", "error", "eval_dir", "report"]
 #: per-run bar charts: (metric, y label, title, file)
@@ -403,8 +403,7 @@ def aggregate(evals, out, *, failures=None, failed_logs=(), study=None, title="p
               overwrite=False) -> list[dict]:
     """Aggregate evaluations into ``out`` (atomically); returns the rows."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+    refuse_existing(out, overwrite)
     eval_dirs = expand(evals or [])
     logs = expand(failed_logs or [])
     records = read_failures(failures) if failures else []

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ptycore.errors import InvalidArgument, InvalidData
-from ptycore.store import atomic_output, now_iso, open_store
+from ptycore.store import atomic_output, now_iso, open_store, refuse_existing
 
 SCHEMA_VERSION = 1
 #: largest ratio of pixel sizes that evaluate resamples (beyond it: almost surely a unit error)
@@ -544,8 +544,7 @@ def halves_frc(half1: Reconstruction, half2: Reconstruction, margin_A: float):
 
 # ---------------------------------------------------------------- the verb
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+    refuse_existing(out, overwrite)
 
 
 def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, dataset=None, plan=None,

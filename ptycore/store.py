@@ -32,6 +32,21 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def refuse_existing(out: str | Path, overwrite: bool = False) -> None:
+    """Raise before any compute if ``out`` exists and may not be replaced."""
+    if Path(out).exists() and not overwrite:
+        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+
+
+def open_input(path: str | Path, arrays: tuple[str, ...], made_by: str) -> zarr.Group:
+    """Open an input store and check it holds ``arrays`` (it should come from 'ptycore made_by')."""
+    group = open_store(path)
+    for name in arrays:
+        if name not in group:
+            raise InvalidData(f"{path}: no {name!r} array (is this a store from 'ptycore {made_by}'?)")
+    return group
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | Path, *, overwrite: bool = False, keep_partial_on_error: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write ``out`` into; rename it to ``out`` on success.
@@ -39,8 +54,7 @@ def atomic_output(out: str | Path, *, overwrite: bool = False, keep_partial_on_e
     On error the temporary path is removed (or kept, for checkpoints) and ``out`` is untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+    refuse_existing(out, overwrite)
     tmp = partial_path(out)
     if tmp.exists() and not keep_partial_on_error:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

@@ -46,7 +46,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ptycore.data.simulate import SimulationParams, plan_geometry, simulate, write_dataset
     from ptycore.errors import InvalidArgument
-    from ptycore.store import partial_path
+    from ptycore.store import partial_path, refuse_existing
 
     if len(args.scan_step_A) not in (1, 2):
         raise InvalidArgument(f"--scan-step-A takes one value or DY DX, got {len(args.scan_step_A)} values")
@@ -61,8 +61,7 @@ def run(args) -> int:
     )
     geometry = plan_geometry(params)  # validates every option before any compute
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+    refuse_existing(out, args.overwrite)
     if partial_path(out).exists() and not partial_path(out).is_dir():
         raise InvalidArgument(f"{partial_path(out)}: is in the way (a file, not a directory)")
 

@@ -164,7 +164,7 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
     import dask.array as da
 
     from ptycore.physics.electron import wavelength_A
-    from ptycore.store import atomic_output, checksum, create_store, provenance, write_array
+    from ptycore.store import atomic_output, checksum, create_store, provenance, refuse_existing, write_array
 
     if not max_memory_mb > 0:
         raise InvalidArgument(f"--max-memory-mb must be > 0, got {max_memory_mb}")
@@ -174,8 +174,7 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
         raise InvalidArgument(f"--negative-tolerance must be >= 0, got {negative_tolerance}")
     meta = load_metadata(meta_path)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
+    refuse_existing(out, overwrite)
     with open_patterns(patterns, scan_shape=meta.scan_shape) as source:
         frames = source.frames
         label = source.label

@@ -180,17 +180,22 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
     """Write ``out`` (init.zarr) from a prepared store; see the module docstring."""
     from ptycore.data.metadata import parse_metadata
     from ptycore.physics import make_mixed_probe, object_shape_for
-    from ptycore.store import atomic_output, checksum, create_store, open_store, provenance, write_array
+    from ptycore.store import (
+        atomic_output,
+        checksum,
+        create_store,
+        open_input,
+        open_store,
+        provenance,
+        refuse_existing,
+        write_array,
+    )
 
     config = load_config(config_path, InitConfig)
     cfg = str(config_path) if config_path is not None else "init config"
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
-    group = open_store(data)
-    for name in ("patterns", "positions_A"):
-        if name not in group:
-            raise InvalidData(f"{data}: no {name!r} array (is this a store from 'ptycore preprocess'?)")
+    refuse_existing(out, overwrite)
+    group = open_input(data, ("patterns", "positions_A"), "preprocess")
     attrs = dict(group.attrs)
     for key in ("metadata", "pixel_size_A"):
         if key not in attrs:

@@ -320,17 +320,21 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
                progress: bool = False) -> dict:
     """Write ``out`` (prepared.zarr) from ``data`` (data.zarr); see the module docstring."""
     from ptycore.data.ingest import progress_bar
-    from ptycore.store import atomic_output, checksum, create_store, open_store, provenance, write_array
+    from ptycore.store import (
+        atomic_output,
+        checksum,
+        create_store,
+        open_input,
+        provenance,
+        refuse_existing,
+        write_array,
+    )
 
     config = load_config(config_path, PreprocessConfig)
     cfg_source = str(config_path) if config_path is not None else "preprocess config"
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgument(f"{out}: output already exists (remove it or pass --overwrite)")
-    group = open_store(data)
-    for name in ("patterns", "positions_A"):
-        if name not in group:
-            raise InvalidData(f"{data}: no {name!r} array (is this a store from 'ptycore ingest'?)")
+    refuse_existing(out, overwrite)
+    group = open_input(data, ("patterns", "positions_A"), "ingest")
     attrs = dict(group.attrs)
     patterns = group["patterns"]
     positions = np.asarray(group["positions_A"][...], np.float64)
