@@ -7,6 +7,10 @@
 #                                                 # (overview/ and one directory per study in config studies)
 #   snakemake --profile profiles/local dataset_NAME    # one dataset, every plan
 #
+# With config frc (enabled: true, or a dataset's frc: true), each dataset × plan is also
+# reconstructed from each half of its scan (results/NAME~half1/, results/NAME~half2/: the even and
+# the odd scan columns) and evaluate reports the Fourier ring correlation of the two halves.
+#
 # Each rule is a thin call of one `ptycore` verb; outputs are zarr stores under
 # results/{dataset}/{plan}/..., logs (the verb's stdout and stderr) under results/logs/,
 # benchmarks under results/benchmarks/.
@@ -38,12 +42,13 @@ try:
         list(dict.fromkeys(config["plans"] + [p for d in DATASETS.values() for p in d.get("plans", [])]))
     )
     STUDIES = collect_studies(config["studies"], PLANS, DATASETS)
+    check_frc(config, PLANS)
 except ValueError as _err:
     raise WorkflowError(f"invalid config: {_err}") from None
 
 
 wildcard_constraints:
-    dataset=NAME_RE,
+    dataset=DATASET_RE,
     plan=NAME_RE,
     stage=NAME_RE,
 

@@ -15,8 +15,12 @@ Alignment with the truth (``truth.zarr`` from ``ptycore simulate``, or any store
    (j, i) at (j, i) * p_t Å in the truth's own frame. The nominal map is a translation,
    ``x_truth = x_result - d``, with ``d = mean_k(positions_A_result[k] - positions_A_truth[k])``
    when both stores list the same scan positions (least squares over every position, so it
-   follows refined positions); else ``d = positions_A_result[0] + origin_A`` (scan position 0 is
-   at (0, 0) in the truth's scan frame, whose pixel [0, 0] is at ``origin_A``).
+   follows refined positions); else ``d = origin_A_truth - origin_A_result`` when the result's
+   frame is known (its own ``origin_A`` attr, or its ``--init`` store's moved by the mean position
+   shift from the init to the result: right for a part of the scan too, e.g. a half from
+   ``ptycore preprocess --half 2``); else ``d = positions_A_result[0] + origin_A`` (assumes the
+   result's scan position 0 is scan index (0, 0), at (0, 0) in the truth's scan frame, whose
+   pixel [0, 0] is at ``origin_A``).
 2. Common grid. The comparison grid has the coarser of the two pixel sizes ``p_c`` and covers
    the scanned area (bounding box of the result's ``positions_A``) shrunk by ``margin_A`` on each
    side; when ``p_c = p_r`` its points are the result's own pixel centres. An image finer than
@@ -37,6 +41,9 @@ Alignment with the truth (``truth.zarr`` from ``ptycore simulate``, or any store
    pixel (``slices_compared = "resampled"``; ``"matched"`` otherwise).
 
 Metrics without truth: see ``ptycore.metrics`` for the information limit and FRC definitions.
+FRC of two halves (``--half1``/``--half2``): both are cropped at one pixel box of their shared
+object frame, the intersection of their scanned areas, and only the residual shift is registered
+(see ``halves_frc``).
 Object modes: the first object mode is evaluated.
 """
 
@@ -47,11 +54,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ptycore.errors import InvalidArgument, InvalidData
 from ptycore.store import atomic_output, now_iso, open_store, refuse_existing
+
+if TYPE_CHECKING:
+    from ptycore.metrics import FRC
 
 SCHEMA_VERSION = 1
 #: largest ratio of pixel sizes that evaluate resamples (beyond it: almost surely a unit error)
@@ -322,8 +333,25 @@ class TruthComparison:
     warnings: list[str]
 
 
-def compare_with_truth(rec: Reconstruction, truth: Reconstruction, margin_A: float) -> TruthComparison:
-    """Align ``truth`` to ``rec`` (see the module docstring) and compute SSIM/PSNR, summed and per slice."""
+def result_origin(rec: Reconstruction, init: Reconstruction | None = None) -> np.ndarray | None:
+    """Scan-frame (y, x) in Å of ``rec``'s object pixel [0, 0]: its own ``origin_A`` attr, else its
+    init store's moved by the mean shift of the positions from the init to ``rec`` (padding and
+    refinement move the object frame with them); None when neither is known."""
+    if rec.attrs.get("origin_A") is not None:
+        return np.asarray(rec.attrs["origin_A"], np.float64).reshape(2)
+    if (init is not None and init.attrs.get("origin_A") is not None and rec.positions_A is not None
+            and init.positions_A is not None and rec.positions_A.shape == init.positions_A.shape):
+        moved = np.mean(rec.positions_A - init.positions_A, axis=0)
+        return np.asarray(init.attrs["origin_A"], np.float64).reshape(2) - moved
+    return None
+
+
+def compare_with_truth(rec: Reconstruction, truth: Reconstruction, margin_A: float,
+                       origin_A: np.ndarray | None = None) -> TruthComparison:
+    """Align ``truth`` to ``rec`` (see the module docstring) and compute SSIM/PSNR, summed and per slice.
+
+    ``origin_A``: scan-frame (y, x) of ``rec``'s pixel [0, 0] (``result_origin``), used when the two
+    stores do not list the same scan positions."""
     from ptycore.metrics import compare_phase, remap_slices
 
     warnings: list[str] = []
@@ -338,6 +366,10 @@ def compare_with_truth(rec: Reconstruction, truth: Reconstruction, margin_A: flo
     if (rec.positions_A is not None and truth.positions_A is not None
             and len(rec.positions_A) == len(truth.positions_A)):
         d = np.mean(rec.positions_A - truth.positions_A, axis=0)
+    elif origin_A is not None and "origin_A" in truth.attrs:
+        d = np.asarray(truth.attrs["origin_A"], np.float64) - np.asarray(origin_A, np.float64)
+        warnings.append("truth positions unavailable or of a different count: frames mapped by the origin_A of "
+                        "both")
     elif rec.positions_A is not None and "origin_A" in truth.attrs:
         d = rec.positions_A[0] + np.asarray(truth.attrs["origin_A"], np.float64)
         warnings.append("truth positions unavailable or of a different count: frames mapped by origin_A and "
@@ -524,22 +556,112 @@ def upstream_chain(prov: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- FRC of two halves
-def halves_frc(half1: Reconstruction, half2: Reconstruction, margin_A: float):
+@dataclass
+class HalvesFRC:
+    frc: FRC
+    shift_px: np.ndarray  # (y, x) residual (sub-pixel) shift applied to half 2's crop, moving it onto half 1's
+    offset_px: tuple[int, int]  # half 2's crop = half 1's crop moved by this many pixels (of half 2's frame)
+    box: tuple[int, int, int, int]  # (y0, x0, h, w) of the crop in half 1's pixels
+    frames: str  # "shared", "origin_A" or "registered": how the two object frames were related
+    warnings: list[str]
+
+
+def _half2_offset(half1: Reconstruction, half2: Reconstruction, boxes) -> tuple[np.ndarray, str]:
+    """First estimate of ``o`` (pixels): half 1's pixel ``p`` shows what half 2's pixel ``p + o`` shows."""
+    px = half1.pixel_size_A
+    o1, o2 = half1.attrs.get("origin_A"), half2.attrs.get("origin_A")
+    if o1 is not None and o2 is not None:
+        offset = (np.asarray(o1, np.float64) - np.asarray(o2, np.float64)) / px
+        return offset, "shared" if np.allclose(offset, 0.0, atol=1e-6) else "origin_A"
+    if half1.phase.shape[-2:] == half2.phase.shape[-2:]:
+        return np.zeros(2), "shared"
+    # separately made stores: assume their scanned areas start at the same place (registration corrects it)
+    (lo1, _), (lo2, _) = boxes
+    return lo2 - lo1, "registered"
+
+
+def _common_box(boxes, n: np.ndarray, shape1, shape2, paths) -> tuple[int, int, int, int]:
+    """(y0, x0, h, w) in half 1's pixels: both scanned areas (half 2's moved into half 1's frame by
+    the whole pixels ``n``), inside both images once half 2's crop is moved by ``n``."""
+    (lo1, hi1), (lo2, hi2) = boxes
+    lo, hi = np.maximum(lo1, lo2 - n), np.minimum(hi1, hi2 - n)
+    box = []
+    for a in range(2):
+        valid_lo, valid_hi = max(0, -int(n[a])), min(shape1[a], shape2[a] - int(n[a]))  # [lo, hi) in both images
+        if valid_hi - valid_lo < MIN_COMPARED_PX:
+            raise InvalidData(f"{paths[1]}: overlaps {paths[0]} over only {max(valid_hi - valid_lo, 0)} pixels "
+                              f"along {'yx'[a]} (at least {MIN_COMPARED_PX} needed for an FRC)")
+        # 1e-3 px: float32 positions (and the origins' difference) are not exact
+        start = max(int(math.ceil(lo[a] - 1e-3)), valid_lo)
+        stop = min(int(math.floor(hi[a] + 1e-3)) + 1, valid_hi)
+        if stop - start < MIN_COMPARED_PX:  # a tiny (or disjoint) common area: the smallest window about its centre
+            centre = 0.5 * (lo[a] + hi[a])
+            start = min(max(valid_lo, int(round(centre - 0.5 * MIN_COMPARED_PX))), valid_hi - MIN_COMPARED_PX)
+            stop = start + MIN_COMPARED_PX
+        box.append((start, stop - start))
+    return box[0][0], box[1][0], box[0][1], box[1][1]
+
+
+def halves_frc(half1: Reconstruction, half2: Reconstruction, margin_A: float) -> HalvesFRC:
+    """FRC of the depth-summed phases of two half-data reconstructions over their common scanned area.
+
+    Both halves are cropped at the same pixel box of one object frame: the intersection of their
+    scanned areas (each the bounding box of its own ``positions_A``, shrunk by ``margin_A``).
+    Frames: two stores with ``origin_A`` attrs are related by them; otherwise two of the same
+    object shape are taken to share one (``ptycore init`` gives both halves the whole scan's frame);
+    otherwise (separately made stores) their scanned areas are first assumed to start at the same
+    place. The registered shift (windowed cross-correlation, iterated to its fixed point) then moves
+    half 2's crop by whole pixels, re-cropping it from its own image, until less than about half a
+    pixel is left; only that residual is applied by a (periodic) Fourier shift, so no strip of
+    columns is wrapped around the edge.
+    """
     from scipy.ndimage import fourier_shift
 
     from ptycore.metrics import fourier_ring_correlation
 
-    if abs(half1.pixel_size_A - half2.pixel_size_A) > 1e-6 * half1.pixel_size_A:
+    px = half1.pixel_size_A
+    if abs(half1.pixel_size_A - half2.pixel_size_A) > 1e-6 * px:
         raise InvalidData(f"{half2.path}: pixel_size_A {half2.pixel_size_A:.6g} differs from {half1.path}'s "
-                          f"{half1.pixel_size_A:.6g}")
-    a, (_, _, h, w), _ = crop_scanned(half1, half1.phase_sum, margin_A)
-    b_full = half2.phase_sum
-    _, (y0, x0, h2, w2), _ = crop_scanned(half2, b_full, margin_A)
-    h, w = min(h, h2), min(w, w2)
-    a, b = a[:h, :w], b_full[y0 : y0 + h, x0 : x0 + w]
-    shift = register(a, b)
-    b = np.fft.ifft2(fourier_shift(np.fft.fft2(b), shift)).real
-    return fourier_ring_correlation(a, b, half1.pixel_size_A), shift
+                          f"{px:.6g}")
+    images = (half1.phase_sum, half2.phase_sum)
+    warnings: list[str] = []
+    boxes = []
+    for half, image in zip((half1, half2), images, strict=True):
+        lo, hi, notes = scanned_box(half.positions_A, image.shape, px, margin_A, 0.0, half.path)
+        boxes.append((lo / px, hi / px))
+        warnings += [f"{half.path}: {note}" for note in notes]
+    expected, frames = _half2_offset(half1, half2, boxes)
+    offset = expected
+    paths = (half1.path, half2.path)
+    for _ in range(8):  # whole pixels: move half 2's crop until less than about half a pixel is left
+        n = np.rint(offset).astype(int)
+        y0, x0, h, w = _common_box(boxes, n, images[0].shape, images[1].shape, paths)
+        a = images[0][y0 : y0 + h, x0 : x0 + w]
+        b0 = images[1][y0 + n[0] : y0 + n[0] + h, x0 + n[1] : x0 + n[1] + w]
+        fb0 = np.fft.fft2(b0)
+        b, shift = b0, np.zeros(2)
+        for _ in range(8):  # the windowed correlation is biased towards 0: iterate to the fixed point
+            step = register(a, b)
+            shift = shift + step
+            b = np.fft.ifft2(fourier_shift(fb0, shift)).real
+            if np.hypot(*step) < 0.01 or np.abs(shift).max() > 1.0:
+                break
+        found = n - shift  # the offset measured now
+        if np.all(np.abs(found - n) <= 0.6):
+            break
+        offset = found
+    else:
+        warnings.append(f"the halves' registration did not settle (residual shift {shift.round(2).tolist()} px)")
+    total = n - shift
+    if frames != "registered" and np.hypot(*(total - expected)) > 1.0:
+        warnings.append(f"the halves are {np.round(total * px, 3).tolist()} Å apart once registered, although "
+                        f"their frames ({frames}) say {np.round(expected * px, 3).tolist()} Å: made in different "
+                        "object frames?")
+    elif frames == "registered":
+        warnings.append("the halves have different object shapes and no origin_A: their frames were related by "
+                        "registration only")
+    frc = fourier_ring_correlation(a, b, px)
+    return HalvesFRC(frc, shift, (int(n[0]), int(n[1])), (y0, x0, h, w), frames, warnings)
 
 
 # ---------------------------------------------------------------- the verb
@@ -619,13 +741,15 @@ def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, data
     comparison = None
     if tru is not None:
         say("comparison with the truth")
-        comparison = compare_with_truth(rec, tru, margin_A)
+        comparison = compare_with_truth(rec, tru, margin_A, result_origin(rec, ini))
         metrics.update(comparison.metrics)
         warnings += comparison.warnings
     frc = None
     if halves is not None:
         say("Fourier ring correlation")
-        frc, _ = halves_frc(*halves, margin_A)
+        halves_result = halves_frc(*halves, margin_A)
+        frc = halves_result.frc
+        warnings += halves_result.warnings
         metrics["frc_resolution_A"] = frc.resolution_A
         metrics["frc_reached_nyquist"] = bool(frc.reached_nyquist)
     if ini is not None:

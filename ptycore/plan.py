@@ -10,7 +10,7 @@ A plan is YAML::
         iterations: 200
         batch_size: 32
         grouping: random            # random | compact | sparse
-        resample: {probe_modes: 4, slices: 1, object_pad_px: 0}
+        resample: {probe_modes: 4, slices: 1, object_pad_px: 0}   # detector_px: see below
         optimize:                   # per parameter: optimizer, lr, start/stop iteration, lr schedule
           object_phase: {optimizer: adam, lr: 0.02}
           probe: {optimizer: adam, lr: 0.02, start: 5}
@@ -22,6 +22,11 @@ A plan is YAML::
         constraints:
           probe_orthogonalize: {every: 1}
           object_amplitude_bounds: {every: 1, min: 0.0, max: 1.0}
+
+Coarse to fine: ``resample: {detector_px: 32}`` makes a stage fit only the central 32×32 pixels
+of each diffraction pattern, so its object pixel is ``pixel_size_A × N / 32`` (N: the detector
+size) over the same field of view; a later stage without ``detector_px`` uses the full
+detector again. Object and probe are Fourier-resampled when the stage starts.
 
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
@@ -46,7 +51,7 @@ ENGINES = ("gradient", "epie", "lsqml", "lm", "dgp")
 IMPLEMENTED_ENGINES = ("gradient", "epie", "lsqml")
 #: engines that update by projection: which parameters they refine, which losses they report
 PROJECTION_ENGINES = ("epie", "lsqml")
-PROJECTION_PARAMETERS = ("object_phase", "object_amplitude", "probe")
+PROJECTION_PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions")
 PROJECTION_LOSSES = ("single", "poisson", "anscombe", "pacbed")
 
 
@@ -260,7 +265,15 @@ class Constraints(_Strict):
 
 
 class Resample(_Strict):
-    """How the incoming state is changed when the stage starts."""
+    """How the incoming state is changed when the stage starts.
+
+    ``detector_px`` changes the object pixel size the physical way: the stage fits only the
+    central ``detector_px`` × ``detector_px`` pixels of each (square) diffraction pattern, so its
+    object pixel is ``pixel_size_A × N / detector_px`` (N: the full detector; the probe window
+    ``N × pixel_size_A`` stays the same). Coarse first stages are faster and a good start; a
+    later stage with ``detector_px`` unset (the full detector) returns to the data's pixel size.
+    Object and probe are Fourier-resampled on entry (see ptycore.recon.state.resample_pixels).
+    """
 
     @model_validator(mode="after")
     def _one_slice_setting(self):
@@ -268,12 +281,23 @@ class Resample(_Strict):
             raise ValueError("give slices or slice_thickness_A, not both")
         return self
 
+    @field_validator("detector_px")
+    @classmethod
+    def _even_detector(cls, v):
+        if v is not None and v % 2:
+            raise ValueError(f"must be even (the zero frequency stays at the centre pixel), got {v}")
+        return v
+
     probe_modes: int | None = Field(default=None, ge=1, le=32)
     slices: int | None = Field(default=None, ge=1, le=512)
     slice_thickness_A: float | None = Field(
         default=None, gt=0, description="target slice thickness: slices = round(total thickness / this)")
     object_pad_px: int = Field(default=0, ge=0)
     tilts: Literal["global", "per_position"] | None = None
+    detector_px: int | None = Field(
+        default=None, ge=16, le=8192,
+        description="central detector pixels (per side) this stage fits; None: the full detector. "
+        "Object pixel = pixel_size_A x N / detector_px")
 
 
 class Stage(_Strict):
@@ -288,6 +312,9 @@ class Stage(_Strict):
     constraints: Constraints = Field(default_factory=Constraints)
     checkpoint_every: int = Field(default=20, ge=1)
     validation_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="positions held out of updates")
+    noise_model: Literal["gaussian", "poisson"] | None = Field(
+        default=None, description="lsqml only: likelihood of the exit-wave update (default gaussian: amplitudes; "
+        "poisson: counts, better at low dose). The gradient engine's noise model is its data loss")
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -325,6 +352,9 @@ class Stage(_Strict):
 
     @model_validator(mode="after")
     def _projection_engine_scope(self):
+        if self.noise_model is not None and self.engine != "lsqml":
+            hint = " (choose the data loss instead: single or poisson)" if self.engine == "gradient" else ""
+            raise ValueError(f"noise_model applies to the lsqml engine, not {self.engine!r}{hint}")
         if self.engine in PROJECTION_ENGINES:
             for key in self.optimize:
                 if key not in PROJECTION_PARAMETERS:

@@ -123,7 +123,8 @@ def test_probe_frozen_until_onset(synthetic):
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ({"optimize": {"object_phase": {"lr": 1.0}, "positions": {"lr": 0.01}}}, "refines only"),
+    ({"optimize": {"object_phase": {"lr": 1.0}, "tilts": {"lr": 0.01}}}, "refines only"),
+    ({"noise_model": "poisson"}, "applies to the lsqml engine"),
     ({"losses": {"single": 1.0, "sparse": 0.1}}, "fits the data only"),
 ])
 def test_projection_engine_plan_scope(edit, message):
@@ -157,3 +158,80 @@ def test_two_stage_plan_stage_by_stage(tmp_path, synthetic, engine):
     assert np.all(np.isfinite(loss)) and loss[3] < loss[0]
     assert second["object_phase"].shape[1] == 2 and second["probe"].shape[0] == 2
     assert _ssim(synthetic, first["object_phase"][0, 0]) > 0.8
+
+
+@pytest.mark.parametrize("engine", ["epie", "lsqml"])
+def test_position_correction_recovers_perturbed_positions(synthetic, engine):
+    """Positions perturbed by 0.28 Å RMS (≈ 1.1 px), refined from iteration 3 at lr 1 (the full
+    least-squares step): achieved 0.020 Å RMS with ePIE and 0.034 Å with LSQML after 40 iterations
+    (global shift removed: it is not measurable)."""
+    rng = np.random.default_rng(1)
+    perturbation = rng.normal(0, 0.3 / np.sqrt(2), synthetic.positions_A.shape)
+    start_rms = np.sqrt(np.mean(np.sum(perturbation**2, axis=1)))
+    stage = _stage(engine, iterations=40, optimize={"object_phase": {"lr": 1.0}, "object_amplitude": {"lr": 1.0},
+                                                    "positions": {"lr": 1.0, "start": 3}},
+                   constraints={"object_amplitude_bounds": {"max": 1.0}, "position_recenter": {}})
+    state, record = run_stage(stage, 0, synthetic.flat_state(synthetic.positions_A + perturbation),
+                              synthetic.measurement, seed=0, plan_hash="t", workdir=None, progress=False)
+    err = np.asarray(state.positions_A) - synthetic.positions_A
+    err -= err.mean(axis=0)
+    final_rms = np.sqrt(np.mean(np.sum(err**2, axis=1)))
+    assert start_rms > 0.25 and final_rms < 0.06, (start_rms, final_rms)
+    assert _ssim(synthetic, state.object_phase[0, 0]) > 0.95
+    assert record.compilations == 1
+
+
+def test_positions_untouched_before_onset(synthetic):
+    stage = _stage("lsqml", iterations=3, optimize={"object_phase": {"lr": 1.0}, "positions": {"lr": 1.0, "start": 3}})
+    start = synthetic.positions_A + 0.2
+    state, _ = run_stage(stage, 0, synthetic.flat_state(start), synthetic.measurement, seed=0, plan_hash="t",
+                         workdir=None, progress=False)
+    np.testing.assert_array_equal(np.asarray(state.positions_A), start.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def low_dose():
+    return make_synthetic(counts=1e3, seed=3)
+
+
+def test_lsqml_poisson_beats_gaussian_at_low_dose(low_dose):
+    """1e3 counts per pattern (≈ 0.4 per detector pixel), 15 iterations from a flat object:
+    achieved phase SSIM 0.84 with the Poisson noise model against 0.72 with the Gaussian one, and
+    a lower Poisson deviance. At 1e5 counts both reach > 0.98 (test_recovers_known_object and below)."""
+    out = {}
+    for model in ("gaussian", "poisson"):
+        stage = _stage("lsqml", noise_model=model, losses={"single": 1.0, "poisson": 1.0})
+        state, record = run_stage(stage, 0, low_dose.flat_state(), low_dose.measurement, seed=0, plan_hash="t",
+                                  workdir=None, progress=False)
+        out[model] = (_ssim(low_dose, state.object_phase[0, 0]), record.history["poisson"][-1])
+    (ssim_g, dev_g), (ssim_p, dev_p) = out["gaussian"], out["poisson"]
+    assert ssim_p > 0.8 and ssim_p > ssim_g + 0.05, out
+    assert dev_p < dev_g, out
+
+
+def test_lsqml_poisson_at_high_dose(synthetic):
+    """The Poisson model does not stall where the flat start has no intensity but the data has
+    counts (1e5 counts per pattern): achieved SSIM 0.995 in 5 iterations."""
+    stage = _stage("lsqml", noise_model="poisson", iterations=5)
+    state, _ = run_stage(stage, 0, synthetic.flat_state(), synthetic.measurement, seed=0, plan_hash="t",
+                         workdir=None, progress=False)
+    assert _ssim(synthetic, state.object_phase[0, 0]) > 0.98
+
+
+def test_poisson_step_minimises_the_likelihood():
+    """The per-pattern step of the Poisson update is the minimiser of the Poisson likelihood along
+    its direction (checked against a brute-force scan of the step)."""
+    from ptycore.recon.engines.lsqml import POISSON_MODEL_FLOOR, poisson_far_field_factor
+
+    rng = np.random.default_rng(0)
+    model = rng.uniform(0.5, 3.0, (3, 8, 8)).astype(np.float32)
+    measured = rng.poisson(model * rng.uniform(0.5, 1.5, (3, 1, 1))).astype(np.float32)
+    factor = np.asarray(poisson_far_field_factor(jnp.asarray(model), jnp.asarray(measured)), np.float64)
+    g = (measured - model) / (model + POISSON_MODEL_FLOOR * measured.mean(axis=(1, 2), keepdims=True))
+    steps = np.linspace(0, 1, 2001)
+    for b in range(3):
+        intensity = model[b] * (1 + steps[:, None, None] * g[b]) ** 2
+        nll = np.sum(intensity - measured[b] * np.log(intensity), axis=(1, 2))
+        best = steps[np.argmin(nll)]
+        achieved = np.mean((factor[b] - 1) / g[b])
+        assert abs(achieved - best) < 2e-3, (b, achieved, best)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-HELP = "crop / bin / resample / pad the detector, crop the scan, inject dose noise: data.zarr → prepared.zarr"
+HELP = ("crop / bin / resample / pad the detector, crop or halve the scan, inject dose noise: "
+        "data.zarr → prepared.zarr")
 
 
 def add_arguments(p):
     p.add_argument("--data", required=True, help="data.zarr from 'ptycore ingest'")
     p.add_argument("--config", help="preprocess YAML (see config/preprocess/); default: only clip negative values")
+    p.add_argument("--half", type=int, metavar="{1,2}",
+                   help="keep every other scan column (1: columns 0, 2, ...; 2: columns 1, 3, ...) for the Fourier "
+                        "ring correlation of two half-data reconstructions; the other steps see the whole scan, so "
+                        "the two halves split its prepared data exactly, in one object frame (overrides 'half:' "
+                        "in the config)")
     p.add_argument("--out", required=True, help="output store (zarr v3), written atomically")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -19,7 +25,7 @@ def run(args) -> int:
     from ptycore.data.preprocess import preprocess
 
     summary = preprocess(args.data, args.config, args.out, overwrite=args.overwrite,
-                         progress=sys.stderr.isatty() and not args.quiet)
+                         progress=sys.stderr.isatty() and not args.quiet, half=args.half)
     if not args.quiet:
         n = summary["detector_shape"][0]
         print(f"wrote {summary['out']}: {summary['n_pos']} patterns of {n}x{n}, detector pixel "

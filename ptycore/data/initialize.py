@@ -22,7 +22,9 @@ a previous stage's result alike:
   optionally corrected by ``affine`` (a 2 x 2 matrix on (y, x)), shifted by a whole number of
   pixels so that every probe window starts at least ``margin_px`` pixels inside the object
   (window top-left ``floor(pos / pixel - (N//2, N//2)) >= margin_px``) and the object ends
-  ``margin_px`` pixels after the last window.
+  ``margin_px`` pixels after the last window. A prepared half scan (``ptycore preprocess --half``)
+  carries ``scan_box_A``, the whole scan's bounding box: the object frame (shift and shape) is
+  then built around that box too, so both halves get the object frame of the whole scan.
 * ``tilts_mrad`` ``(2,)`` (``tilts_mrad`` of the config, default zeros; ``(n_pos, 2)`` with
   ``per_position_tilts``), ``slice_thickness_A`` scalar: ``slice_thickness_A`` of the config, or
   ``thickness_A`` (config, else metadata, else the ``from_result`` store's) divided by ``slices``.
@@ -239,8 +241,15 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
 
     # positions in the object frame
     nominal = positions @ np.asarray(config.affine, np.float64).T if config.affine is not None else positions
-    pos_obj, shift_px = object_frame_positions(nominal, pixel, ky, config.margin_px)
-    shape = object_shape_for(pos_obj, pixel, (ky, kx), config.margin_px)
+    frame_points = nominal  # what the object frame is built around: the positions (+ the whole scan's box)
+    if attrs.get("scan_box_A") is not None:
+        (y0, x0), (y1, x1) = np.asarray(attrs["scan_box_A"], np.float64)
+        corners = np.array([[y0, x0], [y0, x1], [y1, x0], [y1, x1]])
+        corners = corners @ np.asarray(config.affine, np.float64).T if config.affine is not None else corners
+        frame_points = np.concatenate([nominal, corners])
+    frame_points, shift_px = object_frame_positions(frame_points, pixel, ky, config.margin_px)
+    pos_obj = frame_points[:n_pos]
+    shape = object_shape_for(frame_points, pixel, (ky, kx), config.margin_px)
     scan_origin = np.asarray(attrs.get("scan_origin_A", [0.0, 0.0]), np.float64)
     origin = scan_origin - shift_px * pixel
 

@@ -24,14 +24,25 @@ The steps, always in this order (each one only when its key is set in the config
 10. ``read_noise: sigma`` add Gaussian noise of sigma counts (``seed``), after Poisson.
 11. ``normalize_mean_counts: C`` scale by one factor so that the mean total counts per pattern
     (before noise) is C.
+12. ``half: 1 | 2`` keep every other scan column of the (cropped) scan: half 1 the even columns
+    (0, 2, 4, ...), half 2 the odd ones (1, 3, 5, ...); ``ptycore preprocess --half`` sets it too.
+    Every step above still sees the whole scan (the disk centre, the dose scale and the noise
+    draws are the whole scan's), so the two halves are exactly the columns of the whole scan's
+    prepared store: two independent half datasets for a Fourier ring correlation. Each half is a
+    regular raster (scan_shape ``[ny, ceil(nx / 2)]`` or ``[ny, floor(nx / 2)]``, metadata
+    ``scan_step_A`` ``[dy, 2 dx]``, ``dose_e_per_A2`` halved) whose positions stay in the whole
+    scan's frame (its scan index (0, 0) at (0, 0) Å, the same ``scan_origin_A``), and the attr
+    ``scan_box_A`` ``[[y_min, x_min], [y_max, x_max]]`` (the whole scan's positions) makes
+    ``ptycore init`` build the object frame of the whole scan for either half: the two half
+    reconstructions and the whole one share one object frame (pixel [0, 0] at the same place).
 
 The detector must be square at the end (angular pixels are square: the metadata has one detector
 pixel size); ``detector_crop`` makes a non-square detector square. ``prepared.zarr`` has the
 layout of ``data.zarr`` plus attrs ``pixel_size_A`` (= wavelength / (N * detector pixel in rad)),
 ``detector_shape``, ``detector_pixel_mrad``, ``scan_origin_A``, ``bright_field_centre_px`` (of the
-prepared mean pattern), ``preprocess`` (the steps applied, in order, with their parameters and
-results) and ``provenance`` (with ``preprocess`` and the input store's provenance under
-``upstream``).
+prepared mean pattern), ``scan_box_A`` (only with ``half``), ``preprocess`` (the steps applied, in
+order, with their parameters and results) and ``provenance`` (with ``preprocess`` and the input
+store's provenance under ``upstream``).
 
 Patterns are processed in chunks of scan rows: memory holds a few chunks, never the dataset.
 """
@@ -41,7 +52,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -108,6 +119,7 @@ class PreprocessConfig(BaseModel):
     read_noise: float | None = Field(default=None, ge=0, description="Gaussian read noise sigma in counts")
     seed: int = Field(default=0, ge=0, description="seed of the noise")
     normalize_mean_counts: float | None = Field(default=None, gt=0, description="mean total counts per pattern")
+    half: Literal[1, 2] | None = Field(default=None, description="keep scan columns 0, 2, ... (1) or 1, 3, ... (2)")
 
     @field_validator("scan_crop")
     @classmethod
@@ -188,12 +200,14 @@ def bright_field_centre(mean_pattern: np.ndarray) -> tuple[float, float]:
 class Plan:
     """The steps for one dataset, checked against its shapes before any pattern is read."""
 
-    def __init__(self, config: PreprocessConfig, attrs: dict, patterns_shape, source: str, config_source: str):
+    def __init__(self, config: PreprocessConfig, attrs: dict, patterns_shape, source: str, config_source: str,
+                 half_option: bool = False):
         from ptycore.data.metadata import parse_metadata
 
         self.config = config
         self.source = source
         self.cfg = config_source
+        self.half_option = half_option  # `half` came from --half, not from the config file
         if "metadata" not in attrs:
             raise InvalidData(f"{source}: attribute 'metadata' is missing (is this a store from 'ptycore ingest'?)")
         self.meta = parse_metadata(dict(attrs["metadata"]), f"{source} attrs.metadata")
@@ -223,6 +237,12 @@ class Plan:
             self.out_scan = (y1 - y0, x1 - x0)
         else:
             self.out_scan = (ny, nx)
+        if c.half is not None:
+            h, w = self.out_scan
+            if w < 2:
+                msg = f"the scan{' (after scan_crop)' if c.scan_crop else ''} has {w} column; two halves need 2 or more"
+                raise InvalidArgument(f"--half {c.half}: {msg}") if self.half_option else self._err("half", msg)
+            self.out_scan = (h, len(range(c.half - 1, w, 2)))
         det = self.input_detector
         pixel = self.input_pixel_mrad
         conv = self.meta.convergence_mrad
@@ -317,8 +337,10 @@ def _row_blocks(n_rows: int, rows_per_block: int):
 
 
 def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path, *, overwrite: bool = False,
-               progress: bool = False) -> dict:
-    """Write ``out`` (prepared.zarr) from ``data`` (data.zarr); see the module docstring."""
+               progress: bool = False, half: int | None = None) -> dict:
+    """Write ``out`` (prepared.zarr) from ``data`` (data.zarr); see the module docstring.
+
+    ``half`` (1 or 2) sets the config's ``half`` (``--half`` of the verb)."""
     from ptycore.data.ingest import progress_bar
     from ptycore.store import (
         atomic_output,
@@ -332,13 +354,17 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
 
     config = load_config(config_path, PreprocessConfig)
     cfg_source = str(config_path) if config_path is not None else "preprocess config"
+    if half is not None:
+        if half not in (1, 2):
+            raise InvalidArgument(f"--half: must be 1 (even scan columns) or 2 (odd scan columns), got {half!r}")
+        config = config.model_copy(update={"half": half})
     out = Path(out)
     refuse_existing(out, overwrite)
     group = open_input(data, ("patterns", "positions_A"), "ingest")
     attrs = dict(group.attrs)
     patterns = group["patterns"]
     positions = np.asarray(group["positions_A"][...], np.float64)
-    plan = Plan(config, attrs, patterns.shape, str(data), cfg_source)
+    plan = Plan(config, attrs, patterns.shape, str(data), cfg_source, half_option=half is not None)
     if positions.shape != (patterns.shape[0], 2):
         raise InvalidData(f"{data}: positions_A {positions.shape} does not match {patterns.shape[0]} patterns")
 
@@ -346,7 +372,17 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
     y0, y1, x0, x1 = config.scan_crop or (0, ny, 0, nx)
     h, w = y1 - y0, x1 - x0
     ky, kx = plan.input_detector
+    # blocks of whole scan rows; with `half` the same blocks as without (the same noise draws)
     rows_per_block = max(1, min(h, READ_BLOCK_BYTES // (nx * ky * kx * 4), max(1, 256 // w)))
+    columns = np.arange(w) if config.half is None else np.arange(config.half - 1, w, 2)
+    w_out = len(columns)
+
+    def kept(block: np.ndarray) -> np.ndarray:
+        """The kept scan columns of a block of whole rows (position order iy * w + ix)."""
+        if config.half is None:
+            return block
+        rows = block.shape[0] // w
+        return block[(np.arange(rows)[:, None] * w + columns[None, :]).ravel()]
 
     def read_rows(r0: int, r1: int) -> np.ndarray:
         """Cropped scan rows r0..r1-1 as (n, ky, kx) float32, position order iy * w + ix."""
@@ -380,6 +416,10 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
         scan_origin = scan_origin + origin_shift
         steps.append({"step": "scan_crop", "scan_crop": list(config.scan_crop), "scan_shape": [h, w],
                       "scan_origin_A": scan_origin.tolist()})
+    scan_box = None
+    if config.half is not None:
+        scan_box = [new_positions.min(axis=0).tolist(), new_positions.max(axis=0).tolist()]
+        new_positions = new_positions.reshape(h, w, 2)[:, columns].reshape(-1, 2)
     if config.background is not None:
         steps.append({"step": "background", "background": config.background})
     if config.threshold is not None:
@@ -423,7 +463,14 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
         norm = config.normalize_mean_counts / expected_counts
         steps.append({"step": "normalize", "mean_counts": config.normalize_mean_counts, "scale": norm})
 
-    meta["scan_shape"] = [h, w]
+    if config.half is not None:
+        steps.append({"step": "half", "half": config.half, "columns": "even" if config.half == 1 else "odd",
+                      "of_scan_shape": [h, w], "scan_shape": [h, w_out], "scan_box_A": scan_box})
+        dy, dx = plan.meta.scan_step_A
+        meta["scan_step_A"] = [dy, 2 * dx]
+        if meta.get("dose_e_per_A2") is not None:
+            meta["dose_e_per_A2"] = meta["dose_e_per_A2"] / 2
+    meta["scan_shape"] = [h, w_out]
     if meta.get("detector_pixel_invA") is not None:
         meta["detector_pixel_invA"] = meta["detector_pixel_invA"] * pixel / plan.input_pixel_mrad
     else:
@@ -439,8 +486,8 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
     with atomic_output(out, overwrite=overwrite) as tmp, \
             progress_bar(n_blocks, f"preprocess {Path(data).name}", progress) as advance:
         store = create_store(tmp)
-        target_arr = store.create_array("patterns", shape=(h * w, n_det, n_det), dtype=np.float32,
-                                        chunks=(rows_per_block * w, n_det, n_det))
+        target_arr = store.create_array("patterns", shape=(h * w_out, n_det, n_det), dtype=np.float32,
+                                        chunks=(rows_per_block * w_out, n_det, n_det))
         target_arr.attrs.update({"units": "counts", "axes": "n_pos, ky, kx (zero frequency at the centre)"})
         for r0, r1 in _row_blocks(h, rows_per_block):
             block = plan.geometry(plan.pointwise(read_rows(r0, r1)))
@@ -448,18 +495,20 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
                 block = rng.poisson(np.maximum(block * scale, 0.0)).astype(np.float64)
             if config.read_noise is not None:
                 block = block + rng.normal(0.0, config.read_noise, size=block.shape)
-            block = (block * norm if norm != 1.0 else block).astype(np.float32)
+            block = kept(block * norm if norm != 1.0 else block).astype(np.float32)
             out_mean += block.sum(axis=0, dtype=np.float64)
-            target_arr[r0 * w : r1 * w] = block
+            target_arr[r0 * w_out : r1 * w_out] = block
             advance(1)
-        out_mean /= h * w
+        out_mean /= h * w_out
+        whole = " of the whole scan (before `half`)" if config.half is not None else ""
         write_array(store, "positions_A", new_positions.astype(np.float32), attrs={
             "units": "Å", "axes": "n_pos (index iy * nx + ix), (y, x)",
-            "frame": "nominal scan: scan index (0, 0) at (0, 0) Å; scan_origin_A gives it in the ingested frame"})
+            "frame": f"nominal scan: scan index (0, 0){whole} at (0, 0) Å; scan_origin_A gives it in the "
+                     "ingested frame"})
         centre = bright_field_centre(out_mean) if out_mean.max() > 0 else None
         record = {
             "metadata": meta,
-            "scan_shape": [h, w],
+            "scan_shape": [h, w_out],
             "wavelength_A": plan.wavelength_A,
             "detector_pixel_mrad": pixel,
             "detector_shape": [n_det, n_det],
@@ -469,6 +518,8 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
             "stats": {"mean_counts": float(out_mean.sum()), "expected_mean_counts": expected_counts * norm},
             "preprocess": steps,
         }
+        if scan_box is not None:
+            record["scan_box_A"] = scan_box
         for key in ("orientation_applied",):
             if key in attrs:
                 record[key] = attrs[key]
@@ -476,7 +527,7 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
             verb="preprocess", inputs=inputs, config=config.model_dump(mode="json"), preprocess=steps,
             seeds={"noise": config.seed} if noisy else {}, upstream=attrs.get("provenance"))
         store.attrs.update(record)
-    return {"out": out, "n_pos": h * w, "detector_shape": (n_det, n_det), "pixel_size_A": plan.pixel_size_A,
+    return {"out": out, "n_pos": h * w_out, "detector_shape": (n_det, n_det), "pixel_size_A": plan.pixel_size_A,
             "detector_pixel_mrad": pixel, "steps": [s["step"] for s in steps], "mean_counts": float(out_mean.sum())}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +35,36 @@ class Measurement:
     @property
     def mean_counts(self) -> float:
         return float(jnp.mean(jnp.sum(self.intensities, axis=(1, 2))))
+
+    def cropped(self, detector_px: int) -> Measurement:
+        """The central ``detector_px`` × ``detector_px`` pixels of every pattern (a smaller
+        angular range at the same angular pixel), as the measurement of a coarser object grid.
+
+        The object pixel size is λ / (N Δα): keeping Δα and taking N' = ``detector_px`` pixels
+        gives ``pixel_size_A × N / N'``, and the probe window N' × that pixel is the same field of
+        view. Each kept pixel keeps its counts (no rescaling): counts scattered outside the kept
+        band are simply not fitted, so ``mean_counts`` of the crop is below the full data's.
+        The crop is done by index in FFT order (kept frequencies -N'/2 … N'/2 - 1, zero at
+        [0, 0]), the same band ``ptycore.recon.state.resample_probe_window`` keeps of the probe.
+        """
+        ny, nx = self.detector_shape
+        if detector_px == ny == nx:
+            return self
+        if ny != nx:
+            raise InvalidData(f"{self.source or 'data'}: detector_px needs a square detector, got {ny}×{nx}")
+        if detector_px > ny:
+            raise InvalidData(f"{self.source or 'data'}: detector_px {detector_px} is larger than the "
+                              f"detector ({ny}×{nx})")
+        keep = fft_order_band(ny, detector_px)
+        cropped = self.intensities[:, keep][:, :, keep]
+        return replace(self, intensities=cropped, pixel_size_A=self.pixel_size_A * ny / detector_px)
+
+
+def fft_order_band(n: int, n_kept: int) -> np.ndarray:
+    """Indices, into an ``n``-point axis in FFT order, of the central ``n_kept`` frequencies in
+    ``n_kept``-point FFT order (integer frequencies -n_kept//2 … (n_kept-1)//2)."""
+    k = np.rint(np.fft.fftfreq(n_kept, 1.0 / n_kept)).astype(np.int64)
+    return k % n
 
 
 def load_measurement(path) -> Measurement:

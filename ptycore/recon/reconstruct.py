@@ -12,21 +12,29 @@ import numpy as np
 from ptycore.errors import InvalidData
 from ptycore.plan import load_plan
 from ptycore.recon.context import load_measurement
-from ptycore.recon.runner import run_stage
+from ptycore.recon.runner import check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
 from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
 
 
 def check_compatible(state, init_pixel_A: float, measurement, init_path, data_path) -> None:
-    if abs(init_pixel_A - measurement.pixel_size_A) > 1e-6 * measurement.pixel_size_A:
-        raise InvalidData(f"{init_path}: pixel_size_A {init_pixel_A:.6g} differs from {data_path}'s "
-                          f"{measurement.pixel_size_A:.6g}")
-    if tuple(state.probe.shape[1:]) != measurement.detector_shape:
-        raise InvalidData(f"{init_path}: probe window {tuple(state.probe.shape[1:])} differs from the detector "
-                          f"{measurement.detector_shape} of {data_path}")
+    """An init (or a previous stage's result) fits the data when it has one position per pattern
+    and its probe window spans the data's field of view, ``n × init pixel = N × data pixel`` per
+    axis (both are λ / Δα). The window may have other pixels than the detector: a stage that
+    fitted a detector crop leaves a coarser pixel and a smaller window, and the next stage
+    Fourier-resamples it to its own grid when it starts (see ptycore.recon.state.resample_pixels)."""
     if state.positions_A.shape[0] != measurement.n_positions:
         raise InvalidData(f"{init_path}: {state.positions_A.shape[0]} positions but {data_path} has "
                           f"{measurement.n_positions} patterns")
+    window = tuple(int(n) for n in state.probe.shape[1:])
+    detector = measurement.detector_shape
+    init_fov = [n * init_pixel_A for n in window]
+    data_fov = [n * measurement.pixel_size_A for n in detector]
+    if any(abs(a - b) > 1e-5 * b for a, b in zip(init_fov, data_fov, strict=True)):
+        raise InvalidData(
+            f"{init_path}: probe window {window[0]}×{window[1]} of {init_pixel_A:.6g} Å pixels spans "
+            f"{init_fov[0]:.5g}×{init_fov[1]:.5g} Å, but {data_path}'s detector {detector[0]}×{detector[1]} at "
+            f"{measurement.pixel_size_A:.6g} Å spans {data_fov[0]:.5g}×{data_fov[1]:.5g} Å (not made for this data)")
 
 
 def read_previous_history(group) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -68,6 +76,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     measurement = load_measurement(data_path)
     state, pixel_A = load_state(init_path)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
+    for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
+        check_stage_detector(stage_cfg, measurement)
     init_group = open_store(init_path)
     init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
@@ -86,7 +96,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         write_history(group, records, previous_stages, previous_history)
         device = jax.devices()[0]
         group.attrs.update({
-            "pixel_size_A": pixel_A,
+            "pixel_size_A": records[-1].pixel_size_A,  # the final stage's grid (its detector crop)
             "stages": previous_stages + [r.name for r in records],
             "provenance": provenance(
                 verb="reconstruct",
@@ -105,6 +115,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                 stage_timings={r.name: {"seconds": r.seconds, "first_iteration_seconds": r.compile_seconds,
                                         "iterations": r.iterations, "compilations": r.compilations,
                                         "resumed_from": r.resumed_from} for r in records},
+                stage_grids={r.name: {"pixel_size_A": r.pixel_size_A, "detector_px": list(r.detector_px)}
+                             for r in records},
                 compilations=sum(r.compilations for r in records),
             ),
         })

@@ -4,6 +4,10 @@ The runner owns everything on the host side of a stage; the engine owns the comp
 iteration. Checkpoints go to ``<partial>/checkpoints/<stage>.npz`` (the output's temporary
 directory), so ``--resume`` continues a killed run; the same seed on the same hardware gives
 identical arrays whether or not the run was interrupted.
+
+A stage with ``resample.detector_px`` fits the central detector pixels only
+(``stage_measurement``): its object pixel is coarser, and the state is Fourier-resampled to
+that grid on entry, so the engine, its carry and the checkpoints all live on the stage's grid.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ptycore.errors import Diverged, InvalidData
+from ptycore.errors import Diverged, InvalidData, InvalidPlan
+from ptycore.physics.electron import wavelength_A
 from ptycore.recon.context import Context, Measurement
 from ptycore.recon.engines import make_engine
 from ptycore.recon.state import State, resample_state
@@ -35,6 +40,8 @@ class StageRecord:
     compile_seconds: float = 0.0
     compilations: int = 0
     resumed_from: int | None = None
+    pixel_size_A: float | None = None  # the stage's object pixel
+    detector_px: tuple[int, int] | None = None  # the detector pixels it fitted (= its probe window)
 
 
 def _checkpoint_path(workdir: Path, stage_name: str) -> Path:
@@ -91,15 +98,52 @@ class _Progress:
             self.bar.stop()
 
 
+def check_stage_detector(stage, measurement: Measurement) -> None:
+    """Raise ``InvalidPlan`` (naming the stage and both sizes) if the stage's ``detector_px``
+    does not fit the data: larger than the detector, a non-square detector, or a crop that
+    would cut into the bright-field disc (the probe aperture must lie inside the kept band)."""
+    n = stage.resample.detector_px
+    if n is None:
+        return
+    ny, nx = measurement.detector_shape
+    where = f"stage {stage.name!r}: resample.detector_px {n}"
+    if n > min(ny, nx):
+        raise InvalidPlan(f"{where} is larger than the detector ({ny}×{nx} pixels) of "
+                          f"{measurement.source or 'the data'}")
+    if ny != nx:
+        raise InvalidPlan(f"{where} needs a square detector, the data's is {ny}×{nx}")
+    pixel_mrad = wavelength_A(measurement.energy_kv) / (ny * measurement.pixel_size_A) * 1e3
+    kept_mrad = (n // 2 - 1) * pixel_mrad
+    if measurement.convergence_mrad > kept_mrad:
+        raise InvalidPlan(f"{where} keeps angles up to {kept_mrad:.3g} mrad, inside the probe's convergence "
+                          f"semi-angle {measurement.convergence_mrad:.3g} mrad (detector {ny}×{nx}, "
+                          f"{pixel_mrad:.3g} mrad/pixel): use at least "
+                          f"{2 * math.ceil(measurement.convergence_mrad / pixel_mrad + 1)} pixels")
+
+
+def stage_measurement(stage, measurement: Measurement) -> Measurement:
+    """The data a stage fits: the central ``resample.detector_px`` pixels of every pattern (its
+    object pixel ``pixel_size_A × N / detector_px``), or all of them."""
+    check_stage_detector(stage, measurement)
+    n = stage.resample.detector_px
+    return measurement if n is None else measurement.cropped(n)
+
+
 def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *, seed: int, plan_hash: str,
               workdir: Path | None, resume: bool = False, progress: bool = True,
               bandlimit: float | None = 2 / 3) -> tuple[State, StageRecord]:
-    """Run one stage from ``state``; returns the final state and the stage's record."""
-    state = resample_state(state, stage.resample, measurement.pixel_size_A)
+    """Run one stage from ``state``; returns the final state and the stage's record.
+
+    ``measurement`` is the full prepared data; the stage fits ``stage_measurement`` of it, and
+    ``state`` (on any probe window over the same field of view, e.g. a coarser stage's) is
+    resampled to the stage's grid first. ``record.pixel_size_A`` is the returned state's pixel."""
+    measurement = stage_measurement(stage, measurement)
+    state = resample_state(state, stage.resample, measurement.pixel_size_A, measurement.detector_shape)
     ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], bandlimit)
     engine = make_engine(stage, ctx, measurement, state, seed, stage_index)
     carry = engine.init_carry(state)
-    record = StageRecord(stage.name, stage.engine, stage.iterations)
+    record = StageRecord(stage.name, stage.engine, stage.iterations, pixel_size_A=measurement.pixel_size_A,
+                         detector_px=measurement.detector_shape)
     first = 0
     ckpt = _checkpoint_path(workdir, stage.name) if workdir is not None else None
     if resume and ckpt is not None and ckpt.exists():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptycore.errors import InvalidData
 from ptycore.physics.probe import make_mixed_probe, orthogonalize_modes
+from ptycore.physics.shifts import object_shape_for
 from ptycore.physics.slicing import slice_weights
 from ptycore.store import open_store, write_array
 
@@ -19,7 +23,8 @@ class State(NamedTuple):
     """Everything a reconstruction refines. Engines are pure functions State → State.
 
     object_amplitude, object_phase: (obj_modes, slices, Hy, Wx) float32
-    probe: (probe_modes, ny, nx) complex64, sum |probe|^2 = mean counts per pattern
+    probe: (probe_modes, ny, nx) complex64, sum |probe|^2 = mean counts per pattern; (ny, nx) is
+        the detector pixels fitted (all, or a stage's central crop: then the power in that band)
     positions_A: (n_pos, 2) float32, (y, x) probe centres in the object frame
     tilts_mrad: (2,) global or (n_pos, 2) per position, float32
     slice_thickness_A: () float32
@@ -128,8 +133,133 @@ def pad_object(state: State, pad_px: int, pixel_size_A: float) -> State:
     )
 
 
-def resample_state(state: State, resample, pixel_size_A: float) -> State:
-    """Apply a stage's ``resample`` settings (see ptycore.plan.Resample)."""
+# ---------------------------------------------------------------- object pixel size (Fourier resampling)
+def _resize_axis(spec, n_new: int, axis: int, real: bool):
+    """Crop or zero-pad one axis of a spectrum in FFT order to ``n_new`` points, keeping the
+    central frequencies. ``real``: the spectrum is of a real field; the Nyquist bin of the
+    smaller size (even sizes) then stands for both ±n/2 (summed on a crop, split in halves on a
+    pad), so the result stays real, a pad is an exact interpolation and pad-then-crop is exact.
+    Otherwise (a complex wave) the bins -n/2 … n/2-1 are kept as they are, as a detector crop does."""
+    axis = axis % spec.ndim
+    n_old = spec.shape[axis]
+    if n_new == n_old:
+        return spec
+    m = min(n_old, n_new)
+    k = np.rint(np.fft.fftfreq(m, 1.0 / m)).astype(np.int64)  # kept integer frequencies, FFT order
+    index = [slice(None)] * spec.ndim
+
+    def at(i):
+        index[axis] = i
+        return tuple(index)
+
+    if n_new < n_old:
+        out = jnp.take(spec, jnp.asarray(k % n_old), axis=axis)
+        if real and m % 2 == 0:  # the coarse Nyquist bin holds both +m/2 and -m/2
+            out = out.at[at(m // 2)].add(spec[at(m // 2)])
+        return out
+    shape = list(spec.shape)
+    shape[axis] = n_new
+    out = jnp.zeros(shape, spec.dtype).at[at(jnp.asarray(k % n_new))].set(spec)
+    if real and m % 2 == 0:  # split the old Nyquist bin between -m/2 and +m/2
+        half = spec[at(m // 2)] / 2
+        out = out.at[at(n_new - m // 2)].set(half).at[at(m // 2)].set(half)
+    return out
+
+
+def fourier_resample(field, shape: tuple[int, int]):
+    """Resample a real field ``(..., Hy, Wx)`` to ``shape`` over the same (periodic) field of view
+    by cropping or zero-padding its spectrum: the values are kept (a band-limited field is
+    interpolated exactly), so the mean, i.e. the integral over the field of view, is conserved."""
+    return _fourier_resample(jnp.asarray(field), tuple(int(n) for n in shape))
+
+
+@partial(jax.jit, static_argnums=1)
+def _fourier_resample(field, shape):
+    spec = jnp.fft.fft2(field, norm="forward")  # bin [0, 0] is the mean
+    for axis, n in zip((-2, -1), shape, strict=True):
+        spec = _resize_axis(spec, int(n), axis, real=True)
+    return jnp.real(jnp.fft.ifft2(spec, norm="forward")).astype(field.dtype)
+
+
+def resample_probe_window(probe, shape: tuple[int, int]):
+    """The probe ``(modes, ny, nx)`` on a window of ``shape`` pixels over the same field of view
+    (pixel ``ny·dx / shape[0]``): its far field (the detector plane, ``norm="ortho"``) is cropped
+    to the central band or zero-padded, value for value. The far-field amplitude per detector
+    pixel is physical (it is what the unscattered beam puts in that pixel), so it is not
+    rescaled: a crop keeps exactly the probe power that falls inside the kept band, i.e. the
+    counts the cropped patterns hold for a unit object, and drops the rest (nothing when the
+    aperture lies inside the band); a pad conserves the power. A probe centred at pixel n//2
+    stays centred at pixel shape//2."""
+    return _resample_probe_window(jnp.asarray(probe), tuple(int(n) for n in shape))
+
+
+@partial(jax.jit, static_argnums=1)
+def _resample_probe_window(probe, shape):
+    spec = jnp.fft.fft2(jnp.fft.ifftshift(probe, axes=(-2, -1)), norm="ortho")
+    for axis, n in zip((-2, -1), shape, strict=True):
+        spec = _resize_axis(spec, int(n), axis, real=False)
+    return jnp.fft.fftshift(jnp.fft.ifft2(spec, norm="ortho"), axes=(-2, -1)).astype(jnp.complex64)
+
+
+def resample_object_grid(object_amplitude, object_phase, old_window, new_window):
+    """Object ``(modes, slices, Hy, Wx)`` from pixel ``dx`` to ``dx · old_window / new_window``
+    (per axis) over the same field of view; returns (amplitude, phase).
+
+    Phase and log-amplitude are resampled as real fields (``fourier_resample``), not the complex
+    transmission: a phase beyond π (thick or strong samples) survives, and the mean phase (the
+    total phase × area) is conserved. The object is first edge-padded on the far side (no
+    position moves) to a size whose new size ``H · new/old`` is a whole number, so the new
+    pixel is exactly the stage's; Fourier resampling treats the object as periodic, so a jump
+    between opposite edges rings near those edges (outside the scan when the object has a
+    margin)."""
+    hy, wx = object_phase.shape[-2:]
+    padded, new_shape = [], []
+    for h, n_old, n_new in zip((hy, wx), old_window, new_window, strict=True):
+        q = n_old // math.gcd(n_old, n_new)
+        h_pad = -(-h // q) * q
+        padded.append(h_pad - h)
+        new_shape.append(h_pad * n_new // n_old)
+    widths = ((0, 0), (0, 0), (0, padded[0]), (0, padded[1]))
+    log_amp = jnp.log(jnp.clip(jnp.pad(object_amplitude, widths, mode="edge"), 1e-6, None))
+    phase = jnp.pad(object_phase, widths, mode="edge")
+    return jnp.exp(fourier_resample(log_amp, new_shape)), fourier_resample(phase, new_shape)
+
+
+def resample_pixels(state: State, window_shape: tuple[int, int], pixel_size_A: float) -> State:
+    """Move the state to the probe window ``window_shape`` and object pixel ``pixel_size_A``
+    (the stage's), over the same field of view: the probe window ``n·dx`` is conserved, so the
+    incoming pixel is ``pixel_size_A · window_shape / n``. Object (``resample_object_grid``)
+    and probe (``resample_probe_window``) are Fourier-resampled; positions (Å), tilts and slice
+    thickness are unchanged. The object grows (edge values, far side) if a probe window would
+    no longer fit in it."""
+    old = tuple(int(s) for s in state.probe.shape[-2:])
+    new = tuple(int(s) for s in window_shape)
+    if old == new:
+        return state
+    if old[0] * new[1] != old[1] * new[0]:
+        raise InvalidData(f"probe window {old[0]}×{old[1]} cannot be resampled to {new[0]}×{new[1]} "
+                          "with square pixels")
+    amplitude, phase = resample_object_grid(state.object_amplitude, state.object_phase, old, new)
+    try:
+        need = object_shape_for(np.asarray(state.positions_A), pixel_size_A, new)
+    except ValueError as err:
+        raise InvalidData(f"after resampling to {pixel_size_A:.4g} Å pixels: {err}") from None
+    grow = [max(0, n - s) for n, s in zip(need, phase.shape[-2:], strict=True)]
+    if any(grow):
+        widths = ((0, 0), (0, 0), (0, grow[0]), (0, grow[1]))
+        amplitude, phase = jnp.pad(amplitude, widths, mode="edge"), jnp.pad(phase, widths, mode="edge")
+    return state._replace(object_amplitude=amplitude.astype(jnp.float32), object_phase=phase.astype(jnp.float32),
+                          probe=resample_probe_window(state.probe, new))
+
+
+def resample_state(state: State, resample, pixel_size_A: float, window_shape: tuple[int, int] | None = None) -> State:
+    """Apply a stage's ``resample`` settings (see ptycore.plan.Resample).
+
+    ``pixel_size_A`` is the stage's object pixel; ``window_shape`` its probe window (the
+    detector pixels it fits). A state on another window is Fourier-resampled to it first
+    (``resample_pixels``); everything after (padding included) is in the stage's pixels."""
+    if window_shape is not None:
+        state = resample_pixels(state, window_shape, pixel_size_A)
     if resample.probe_modes is not None:
         state = state._replace(probe=resample_probe_modes(state.probe, resample.probe_modes))
     n_slices = resample.slices

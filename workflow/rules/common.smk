@@ -19,6 +19,10 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+# The two half datasets of a dataset for the FRC (config frc): NAME~half1 and NAME~half2 ('~' is
+# never in a dataset's own name); their stores sit beside the dataset's as results/NAME~halfK/.
+HALF_SEP = "~half"
+DATASET_RE = rf"{NAME_RE}(?:{HALF_SEP}[12])?"
 PATTERN_SUFFIXES = (".h5", ".hdf5", ".npy", ".mat", ".raw", ".zarr")
 METADATA_SUFFIXES = (".yaml", ".yml")
 
@@ -326,8 +330,12 @@ def dataset_stores(dataset):
     stores += [f"{RESULTS}/{dataset}/{name}" for name in ("data.zarr", "prepared.zarr", "init.zarr")]
     for plan in dataset_plans(dataset):
         stores += [stage_store(dataset, plan, stage) for stage in PLANS[plan]["stages"]]
+        if frc_wanted(dataset, plan):
+            for half in halves(dataset):
+                stores += [f"{RESULTS}/{half}/{name}" for name in ("prepared.zarr", "init.zarr")]
+                stores += [stage_store(half, plan, stage) for stage in PLANS[plan]["stages"]]
         stores.append(eval_dir(dataset, plan))
-    return stores
+    return list(dict.fromkeys(stores))
 
 
 def all_evals(plans=None):
@@ -354,14 +362,52 @@ def cli_options(options):
 
 
 def dataset_entry(dataset):
+    """The config entry of a dataset (of its whole dataset for a half, NAME~halfK)."""
     try:
-        return DATASETS[dataset]
+        return DATASETS[split_half(dataset)[0]]
     except KeyError:
         raise WorkflowError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS) or 'none'})") from None
 
 
 def is_simulated(dataset):
     return "simulate" in dataset_entry(dataset)
+
+
+# ---------------------------------------------------------------- FRC of two half datasets
+def split_half(dataset):
+    """'tiny~half2' -> ('tiny', 2); 'tiny' -> ('tiny', None)."""
+    base, sep, k = dataset.rpartition(HALF_SEP)
+    return (base, int(k)) if sep and k in ("1", "2") else (dataset, None)
+
+
+def halves(dataset):
+    return [f"{dataset}{HALF_SEP}1", f"{dataset}{HALF_SEP}2"]
+
+
+def check_frc(cfg, plans):
+    """Config frc.plans must name known plans."""
+    unknown = [p for p in cfg["frc"].get("plans") or [] if plan_name(p) not in plans]
+    if unknown:
+        raise ValueError(f"frc.plans: unknown plans {unknown} (known: {', '.join(plans)})")
+
+
+def frc_wanted(dataset, plan):
+    """Whether dataset × plan also reconstructs the two half datasets and evaluates their FRC:
+    the dataset's own frc: true/false, else frc.enabled; for the plans in frc.plans (default:
+    the dataset's plans, not the studies')."""
+    if not dataset_entry(dataset).get("frc", config["frc"].get("enabled", False)):
+        return False
+    wanted = config["frc"].get("plans")
+    return plan in ([plan_name(p) for p in wanted] if wanted is not None else dataset_plans(dataset))
+
+
+def half_option(wildcards):
+    _, k = split_half(wildcards.dataset)
+    return f"--half {k}" if k else ""
+
+
+def halves_option(wildcards, input):
+    return f"--half1 {input.half1} --half2 {input.half2}" if "half1" in input.keys() else ""
 
 
 # ---------------------------------------------------------------- rule inputs and params
@@ -373,6 +419,11 @@ def step_config(step):
         return {"config": resolve(path)} if path else {}
 
     return files
+
+
+def preprocess_data(wc):
+    """data.zarr of the dataset (a half dataset is cut from its whole dataset's)."""
+    return f"{RESULTS}/{split_half(wc.dataset)[0]}/data.zarr"
 
 
 def config_option(wildcards, input):
@@ -427,6 +478,8 @@ def evaluate_input(wc):
     inputs = {"result": final_store(wc.dataset, wc.plan), "init": f"{RESULTS}/{wc.dataset}/init.zarr"}
     if is_simulated(wc.dataset):
         inputs["simulated"] = sim_dir(wc.dataset)
+    if frc_wanted(wc.dataset, wc.plan):
+        inputs["half1"], inputs["half2"] = (final_store(half, wc.plan) for half in halves(wc.dataset))
     return inputs
 
 
@@ -445,16 +498,26 @@ ERROR_LINE_RE = re.compile(r"^ptycore [a-z]+: error: ")
 
 
 def steps_of(dataset, plan):
-    """(step, output, log) of one dataset × plan, in pipeline order."""
+    """(step, output, log) of one dataset × plan, in pipeline order (with FRC: each half's steps
+    before evaluate, named 'half1 preprocess', 'half1 reconstruct-STAGE', ...)."""
+
+    def stages(name):
+        return [
+            (f"reconstruct-{stage}", stage_store(name, plan, stage), f"{LOGS}/{name}/{plan}/reconstruct-{stage}.log")
+            for stage in PLANS[plan]["stages"]
+        ]
+
+    def data_steps(name, names):
+        return [(step, f"{RESULTS}/{name}/{out}", f"{LOGS}/{name}/{step}.log") for step, out in names]
+
     steps = [("simulate", sim_dir(dataset), f"{LOGS}/{dataset}/simulate.log")] if is_simulated(dataset) else []
-    steps += [
-        (step, f"{RESULTS}/{dataset}/{out}", f"{LOGS}/{dataset}/{step}.log")
-        for step, out in (("ingest", "data.zarr"), ("preprocess", "prepared.zarr"), ("init", "init.zarr"))
-    ]
-    steps += [
-        (f"reconstruct-{stage}", stage_store(dataset, plan, stage), f"{LOGS}/{dataset}/{plan}/reconstruct-{stage}.log")
-        for stage in PLANS[plan]["stages"]
-    ]
+    steps += data_steps(dataset, (("ingest", "data.zarr"), ("preprocess", "prepared.zarr"), ("init", "init.zarr")))
+    steps += stages(dataset)
+    if frc_wanted(dataset, plan):
+        for half in halves(dataset):
+            label = f"half{split_half(half)[1]}"
+            half_steps = data_steps(half, (("preprocess", "prepared.zarr"), ("init", "init.zarr"))) + stages(half)
+            steps += [(f"{label} {step}", out, log) for step, out, log in half_steps]
     return steps + [("evaluate", eval_dir(dataset, plan), f"{LOGS}/{dataset}/{plan}/evaluate.log")]
 
 

@@ -1,4 +1,6 @@
 # Data steps, one dataset each: simulate (simulated datasets only) → ingest → preprocess → init.
+# A half dataset NAME~halfK (config frc) has no data.zarr of its own: its preprocess cuts half K
+# of the scan from NAME's data.zarr (ptycore preprocess --half K), then init and reconstruct as usual.
 
 
 rule simulate:
@@ -9,6 +11,8 @@ rule simulate:
         f"{LOGS}/{{dataset}}/simulate.log",
     benchmark:
         f"{BENCH}/{{dataset}}/simulate.tsv"
+    wildcard_constraints:
+        dataset=NAME_RE,
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("simulate")
@@ -30,6 +34,8 @@ rule ingest:
         f"{LOGS}/{{dataset}}/ingest.log",
     benchmark:
         f"{BENCH}/{{dataset}}/ingest.tsv"
+    wildcard_constraints:
+        dataset=NAME_RE,
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("ingest")
@@ -44,10 +50,11 @@ rule ingest:
 
 
 rule preprocess:
-    """data.zarr → prepared.zarr (crop / bin / pad / resample / noise, per the preprocess config)."""
+    """data.zarr → prepared.zarr (crop / bin / pad / resample / noise, per the preprocess config;
+    for NAME~halfK, half K of NAME's scan columns)."""
     input:
         unpack(step_config("preprocess")),
-        data=f"{RESULTS}/{{dataset}}/data.zarr",
+        data=preprocess_data,
     output:
         directory(f"{RESULTS}/{{dataset}}/prepared.zarr"),
     log:
@@ -61,8 +68,9 @@ rule preprocess:
         **resources_for("preprocess"),
     params:
         config=config_option,
+        half=half_option,
     shell:
-        "ptycore preprocess --data {input.data} {params.config} --out {output} > {log} 2>&1"
+        "ptycore preprocess --data {input.data} {params.config} {params.half} --out {output} > {log} 2>&1"
 
 
 rule init:

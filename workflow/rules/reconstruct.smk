@@ -1,5 +1,6 @@
 # One reconstruct job per plan stage: stage K starts from stage K-1's result store (stage 1 from
 # init.zarr) and writes its own store. Stage names come from the plan YAML (read in common.smk).
+# The half datasets of the FRC (NAME~half1, NAME~half2) run through this same rule.
 
 
 rule reconstruct:

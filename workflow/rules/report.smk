@@ -2,7 +2,8 @@
 
 
 rule evaluate:
-    """Final stage's store (+ truth for simulated data) → metrics.json, figures, report.html."""
+    """Final stage's store (+ truth for simulated data, + with FRC the two half reconstructions'
+    final stores) → metrics.json, figures, report.html."""
     input:
         unpack(evaluate_input),
     output:
@@ -18,8 +19,9 @@ rule evaluate:
         **resources_for("evaluate"),
     params:
         truth=truth_option,
+        halves=halves_option,
     shell:
-        "ptycore evaluate --result {input.result} {params.truth} --init {input.init}"
+        "ptycore evaluate --result {input.result} {params.truth} {params.halves} --init {input.init}"
         " --dataset {wildcards.dataset} --plan {wildcards.plan} --out {output} > {log} 2>&1"
 
 

@@ -24,10 +24,17 @@ recompiles). The state keeps amplitude and phase separately: the complex update
 ``T' = T + alpha dT`` is converted back as ``amplitude = |T'|`` and ``phase += angle(T' / T)``
 (the phase *increment* of one batch is wrapped into (-pi, pi], the accumulated phase is not,
 so phases beyond pi survive as long as one batch's change is < pi; an object amplitude near
-0 makes the increment ill-defined). Positions, tilts and slice thickness are not refined by
-this engine (the plan rejects them); object modes must be 1. Loss terms in ``terms`` are the
-stage's data losses computed on the batch's model before its update (``single`` always), so
-histories compare with the gradient engine's.
+0 makes the increment ill-defined). Tilts and slice thickness are not refined by this engine
+(the plan rejects them); object modes must be 1. Loss terms in ``terms`` are the stage's data
+losses computed on the batch's model before its update (``single`` always), so histories
+compare with the gradient engine's.
+
+Position correction (``optimize: positions``, shared with LSQML): per position, the shift
+``delta`` (y, x) that best explains the first slice's exit-wave correction ``chi`` to first
+order, ``chi ~ delta . (P grad O)`` summed over probe modes (a 2x2 least-squares solve per
+position; ``grad O`` by central differences of the first slice's transmission, i.e. the
+probe window moving over the object). Positions move by ``lr * delta`` (``lr`` 1.0 = the full
+least-squares step), at most half a pixel per update; padding entries of a batch do not move.
 """
 
 from __future__ import annotations
@@ -46,10 +53,21 @@ from ptycore.recon.losses import DATA_LOSSES, single
 from ptycore.recon.state import State
 
 _EPS = 1e-12
+#: largest position change of one update, in pixels
+MAX_POSITION_STEP_PX = 0.5
 
 
 def _sum_modes(x):
     return jnp.sum(x, axis=1)
+
+
+def _solve2(a11, a12, a22, b1, b2, ridge=1e-6):
+    """Solve the symmetric 2x2 systems [[a11, a12], [a12, a22]] x = [b1, b2] (elementwise over
+    leading axes) with a small relative ridge; returns (x1, x2)."""
+    r = ridge * (a11 + a22) + _EPS
+    a11, a22 = a11 + r, a22 + r
+    det = a11 * a22 - a12 * a12
+    return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
 
 
 class ProjectionEngine(Engine):
@@ -101,12 +119,17 @@ class ProjectionEngine(Engine):
         return _sum_modes(far.real**2 + far.imag**2)
 
     def _project(self, fwd, measured, mask):
-        """Modulus projection: ``chi`` (batch, modes, ny, nx) and the model intensities."""
+        """Exit-wave correction ``chi`` (batch, modes, ny, nx) and the model intensities: the far
+        field of every mode is scaled by :meth:`_far_field_factor` and transformed back."""
         far = jnp.fft.fft2(fwd["exit"], norm="ortho")
         model = _sum_modes(far.real**2 + far.imag**2)
-        factor = jnp.sqrt(measured) / jnp.sqrt(model + _EPS)
+        factor = self._far_field_factor(model, measured)
         chi = jnp.fft.ifft2(far * (factor[:, None] - 1.0), norm="ortho") * mask[:, None, None, None]
         return chi, model
+
+    def _far_field_factor(self, model, measured):
+        """Modulus projection (Gaussian noise on amplitudes): replace the amplitude by the measured one."""
+        return jnp.sqrt(measured) / jnp.sqrt(model + _EPS)
 
     # ------------------------------------------------------------ helpers for the updates
     def _scatter(self, values, top_left, shape):
@@ -116,9 +139,37 @@ class ProjectionEngine(Engine):
         return jax.linear_transpose(crop, jnp.zeros(shape, values.dtype))(values)[0]
 
     @staticmethod
-    def _unshift(values, ramp):
-        """Adjoint of the probe's sub-pixel shift: (batch, modes, ny, nx) back to the probe frame."""
-        return jnp.fft.ifft2(jnp.fft.fft2(values) * jnp.conj(ramp)[:, None])
+    def _unshift_sum(values, ramp):
+        """Adjoint of the probe's sub-pixel shift, summed over the batch: (batch, modes, ny, nx) →
+        (modes, ny, nx) in the probe frame (the sum taken in Fourier space: one inverse FFT per mode)."""
+        return jnp.fft.ifft2(jnp.sum(jnp.fft.fft2(values) * jnp.conj(ramp)[:, None], axis=0))
+
+    def _position_step(self, fwd, chi, mask, lr):
+        """Least-squares position change (batch, 2) in Å from the first slice's exit-wave
+        correction ``chi`` (see the module docstring); zero where ``lr`` is 0 or for padding."""
+        t0 = fwd["transmission"][0]
+        window = chi.shape[-2:]
+        grad_y = 0.5 * (jnp.roll(t0, -1, axis=0) - jnp.roll(t0, 1, axis=0))
+        grad_x = 0.5 * (jnp.roll(t0, -1, axis=1) - jnp.roll(t0, 1, axis=1))
+        probe = fwd["incident"][0]
+        dy = probe * crop_patches(grad_y, fwd["top_left"], window)[:, None]
+        dx = probe * crop_patches(grad_x, fwd["top_left"], window)[:, None]
+        axes = (1, 2, 3)
+        a11 = jnp.sum(dy.real**2 + dy.imag**2, axis=axes)
+        a22 = jnp.sum(dx.real**2 + dx.imag**2, axis=axes)
+        a12 = jnp.sum(jnp.real(jnp.conj(dy) * dx), axis=axes)
+        b1 = jnp.sum(jnp.real(jnp.conj(dy) * chi), axis=axes)
+        b2 = jnp.sum(jnp.real(jnp.conj(dx) * chi), axis=axes)
+        step = jnp.stack(_solve2(a11, a12, a22, b1, b2, ridge=1e-3), axis=-1) * lr  # pixels
+        norm = jnp.sqrt(jnp.sum(step**2, axis=-1, keepdims=True))
+        step = step * jnp.minimum(1.0, MAX_POSITION_STEP_PX / (norm + _EPS))
+        return step * mask[:, None] * self.ctx.pixel_size_A
+
+    def _move_positions(self, state: State, fwd, chi, mask, idx, lr):
+        """Apply :meth:`_position_step` (only computed while positions are being refined)."""
+        step = lax.cond(lr > 0, lambda: self._position_step(fwd, chi, mask, lr),
+                        lambda: jnp.zeros(state.positions_A[idx].shape, state.positions_A.dtype))
+        return state._replace(positions_A=state.positions_A.at[idx].add(step.astype(state.positions_A.dtype)))
 
     @staticmethod
     def _back_propagate(values, kernel):
@@ -136,7 +187,7 @@ class ProjectionEngine(Engine):
                               object_amplitude=amplitude.astype(state.object_amplitude.dtype))
 
     # ------------------------------------------------------------ ePIE update
-    def _update(self, state: State, fwd, chi, mask, lr):
+    def _update(self, state: State, fwd, chi, mask, idx, lr):
         t = fwd["transmission"]
         top_left, patches = fwd["top_left"], fwd["patches"]
         weight = mask[:, None, None]
@@ -152,7 +203,8 @@ class ProjectionEngine(Engine):
                 dpsi = jnp.conj(obj)[:, None] * chi / (jnp.max(obj2, axis=(-2, -1))[:, None, None, None] + _EPS)
                 chi = self._back_propagate(dpsi, fwd["kernel"])
             else:
-                dprobe = jnp.sum(self._unshift(jnp.conj(obj)[:, None] * chi, fwd["ramp"]), axis=0)
+                state = self._move_positions(state, fwd, chi, mask, idx, lr["positions"])
+                dprobe = self._unshift_sum(jnp.conj(obj)[:, None] * chi, fwd["ramp"])
                 norm = jnp.max(jnp.sum(obj2 * weight, axis=0)) + _EPS
                 probe = state.probe + (lr["probe"] * dprobe / norm).astype(state.probe.dtype)
         dt = jnp.stack(dt[::-1])
@@ -169,7 +221,7 @@ class ProjectionEngine(Engine):
             terms = {"single": single(model, meas, mask)}
             for name in self.data_losses:
                 terms[name] = DATA_LOSSES[name](model, meas, mask)
-            return self._update(state, fwd, chi, mask, hyper["lr"]), terms
+            return self._update(state, fwd, chi, mask, idx, hyper["lr"]), terms
 
         state, terms = lax.scan(step, state, (batches, masks))
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])

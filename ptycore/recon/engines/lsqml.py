@@ -1,8 +1,14 @@
 """LSQML engine: least-squares maximum-likelihood ptychography (Odstrčil et al. 2018, Opt. Express 26, 3108).
 
-Per batch (all positions at once, Gaussian noise model on amplitudes):
+Per batch (all positions at once):
 
-1. exit-wave update ``chi`` from the amplitude (likelihood) projection, as in ePIE;
+1. exit-wave update ``chi`` from the likelihood of the stage's ``noise_model``: ``gaussian``
+   (default; noise on amplitudes) replaces each far-field amplitude by the measured one, as in
+   ePIE; ``poisson`` scales the far field of pattern ``b`` by ``1 + a_b (d/I - 1)`` (``d``
+   measured, ``I`` model counts; every probe mode alike), the direction of steepest descent of
+   the Poisson likelihood ``sum I - d log I``, with ``a_b`` in [0, 1] the minimiser of that
+   likelihood along it (a few Newton steps; the likelihood is convex in ``a``), so a pattern
+   with few counts is not forced onto its noise;
 2. update directions summed over the batch's positions and probe modes,
    ``dO = sum_b conj(psi_b) chi_b / (sum_b |psi_b|^2 + delta)`` (object frame, scatter-added) and
    ``dP = sum_b unshift(conj(O_b) chi_b) / (sum_b |O_b|^2 + delta)`` (probe frame);
@@ -17,9 +23,8 @@ Multislice: the system above is solved for the last slice with the wave incident
 the role of the probe (a per-position update ``conj(O_b) chi_b / (|O_b|^2 + delta)``); the
 incident-wave correction, scaled by its optimal step, is back-propagated (adjoint Fresnel
 kernel) to give the ``chi`` of the slice above, down to the first slice, where the incident
-wave is the probe and the paper's system applies unchanged. Only the Gaussian noise model is
-implemented (no Poisson variant). Amplitude/phase conversion, supported parameters and terms
-as in :mod:`ptycore.recon.engines.epie`.
+wave is the probe and the paper's system applies unchanged. Amplitude/phase conversion,
+position correction, supported parameters and terms as in :mod:`ptycore.recon.engines.epie`.
 """
 
 from __future__ import annotations
@@ -27,34 +32,58 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ptycore.physics.shifts import crop_patches
-from ptycore.recon.engines.epie import ProjectionEngine, _sum_modes
+from ptycore.recon.engines.epie import ProjectionEngine, _solve2, _sum_modes
 
 _EPS = 1e-12
 #: regularisation of the direction's denominator, relative to its maximum
 DELTA = 1e-2
+#: Newton steps for the Poisson step along the likelihood gradient
+POISSON_NEWTON_STEPS = 4
+#: floor added to the model counts in d/I, relative to the pattern's mean measured counts per
+#: pixel: where the model has (almost) no intensity but the data has counts, d/I is unbounded and
+#: would drive the pattern's step to 0 (seen as a stall from a flat start at high dose)
+POISSON_MODEL_FLOOR = 1e-2
 
 
 def _steps(u, v, chi, use_u, use_v):
     """Least-squares steps (a_u, a_v) minimising ||chi - a_u u - a_v v||^2 (sums over everything)."""
     a11 = jnp.sum(jnp.abs(u) ** 2)
     a22 = jnp.sum(jnp.abs(v) ** 2)
-    a12 = jnp.real(jnp.sum(jnp.conj(u) * v))
-    b1 = jnp.real(jnp.sum(jnp.conj(u) * chi))
-    b2 = jnp.real(jnp.sum(jnp.conj(v) * chi))
-    a12 = a12 * use_u * use_v
-    a11 = jnp.where(use_u, a11, 1.0)
-    a22 = jnp.where(use_v, a22, 1.0)
-    b1, b2 = b1 * use_u, b2 * use_v
-    ridge = 1e-6 * (a11 + a22) + _EPS
-    a11, a22 = a11 + ridge, a22 + ridge
-    det = a11 * a22 - a12 * a12
-    return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+    a12 = jnp.real(jnp.sum(jnp.conj(u) * v)) * use_u * use_v
+    b1 = jnp.real(jnp.sum(jnp.conj(u) * chi)) * use_u
+    b2 = jnp.real(jnp.sum(jnp.conj(v) * chi)) * use_v
+    return _solve2(jnp.where(use_u, a11, 1.0), a12, jnp.where(use_v, a22, 1.0), b1, b2)
+
+
+def poisson_far_field_factor(model, measured):
+    """Per-pixel far-field scale ``1 + a g`` with ``g = (d - I) / (I + floor)`` (``d/I - 1``, see
+    :data:`POISSON_MODEL_FLOOR`) and ``a`` (one per pattern, in [0, 1]) minimising the Poisson
+    likelihood ``sum I (1 + a g)^2 - d log(I (1 + a g)^2)`` along it."""
+    axes = (-2, -1)
+    floor = POISSON_MODEL_FLOOR * jnp.mean(measured, axis=axes, keepdims=True) + _EPS
+    g = (measured - model) / (model + floor)
+
+    def newton(a):
+        q = jnp.maximum(1.0 + a[:, None, None] * g, 1e-3)
+        d1 = jnp.sum(2.0 * model * g * q - 2.0 * measured * g / q, axis=axes)
+        d2 = jnp.sum(2.0 * model * g**2 + 2.0 * measured * g**2 / q**2, axis=axes)
+        return jnp.clip(a - d1 / (d2 + _EPS), 0.0, 1.0)
+
+    a = jnp.zeros(model.shape[0], model.dtype)
+    for _ in range(POISSON_NEWTON_STEPS):
+        a = newton(a)
+    return 1.0 + a[:, None, None] * g
 
 
 class LSQMLEngine(ProjectionEngine):
-    """Batched LSQML, Gaussian noise model (see the module docstring)."""
+    """Batched LSQML with a Gaussian or Poisson noise model (see the module docstring)."""
 
-    def _update(self, state, fwd, chi, mask, lr):
+    def _far_field_factor(self, model, measured):
+        if self.stage.noise_model == "poisson":
+            return poisson_far_field_factor(model, measured)
+        return super()._far_field_factor(model, measured)
+
+    def _update(self, state, fwd, chi, mask, idx, lr):
         t = fwd["transmission"]
         top_left, patches = fwd["top_left"], fwd["patches"]
         weight = mask[:, None, None]
@@ -75,7 +104,8 @@ class LSQMLEngine(ProjectionEngine):
                 a_obj, a_psi = _steps(u, v, chi, use_object, True)
                 chi = self._back_propagate(a_psi * d_psi, fwd["kernel"])
             else:
-                num_p = jnp.sum(self._unshift(jnp.conj(obj)[:, None] * chi, fwd["ramp"]), axis=0)
+                state = self._move_positions(state, fwd, chi, mask, idx, lr["positions"])
+                num_p = self._unshift_sum(jnp.conj(obj)[:, None] * chi, fwd["ramp"])
                 den_p = jnp.sum(obj2 * weight, axis=0)
                 d_probe = num_p / (den_p + DELTA * jnp.max(den_p) + _EPS)
                 v = obj[:, None] * jnp.fft.ifft2(jnp.fft.fft2(d_probe)[None] * fwd["ramp"][:, None])
