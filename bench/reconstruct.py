@@ -8,7 +8,7 @@ time, compilations, and the peak RSS of this process.
 
     python bench/reconstruct.py                 # standard case
     python bench/reconstruct.py --modes 4 --slices 8
-    python bench/reconstruct.py --engine lsqml  # ePIE/LSQML: object + probe only (no positions)
+    python bench/reconstruct.py --engine lsqml  # ePIE/LSQML: object + probe (positions: --positions)
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iterations", type=int, default=8)
     ap.add_argument("--engine", choices=["gradient", "epie", "lsqml"], default="gradient")
+    ap.add_argument("--positions", action="store_true", help="ePIE/LSQML: also refine positions")
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     args = ap.parse_args(argv)
 
@@ -60,8 +61,10 @@ def main(argv=None):
     if args.engine == "gradient":
         optimize = {"object_phase": {"lr": 1e-3}, "object_amplitude": {"lr": 1e-4},
                     "probe": {"lr": 1e-3}, "positions": {"lr": 1e-3}}
-    else:  # projection engines refine object and probe only
+    else:  # projection engines: object and probe (the comparison with phaser), positions on request
         optimize = {"object_phase": {"lr": 1.0}, "object_amplitude": {"lr": 1.0}, "probe": {"lr": 1.0}}
+        if args.positions:
+            optimize["positions"] = {"lr": 1.0}
     plan = parse_plan({"stages": [{
         "name": "bench", "engine": args.engine, "iterations": args.iterations, "batch_size": args.batch,
         "grouping": "random", "optimize": optimize, "losses": {"single": 1.0}}]})

@@ -64,7 +64,7 @@ def test_forward_with_stored_waves_matches_physics(synthetic, engine):
     ctx = Context.build(synthetic.measurement, state.positions_A, shape[-2:])
     eng = make_engine(_stage(engine), ctx, synthetic.measurement, state, 0)
     idx = jnp.asarray([0, 5, 77])
-    ours = eng._forward(state, idx)["exit"]
+    ours = eng._forward(state, eng._transmission(state), eng._fixed(state), idx)["exit"]
     ref = exit_waves(ctx.optics, state.object_amplitude, state.object_phase, state.probe, state.positions_A[idx],
                      state.tilts_mrad[idx], state.slice_thickness_A)[:, 0]
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-3 * float(jnp.max(jnp.abs(ref))))

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ptycore.physics.multislice import transmission
 from ptycore.physics.propagation import fresnel_kernel
-from ptycore.physics.shifts import crop_patches, shift_ramp, split_positions
+from ptycore.physics.shifts import crop_patches, split_positions
 from ptycore.plan import PROJECTION_PARAMETERS
 from ptycore.recon.constraints import apply_constraints
 from ptycore.recon.engines.base import Engine
@@ -59,6 +60,16 @@ MAX_POSITION_STEP_PX = 0.5
 
 def _sum_modes(x):
     return jnp.sum(x, axis=1)
+
+
+def _abs2(x):
+    """|x|^2 without the square root of ``abs``."""
+    return x.real**2 + x.imag**2
+
+
+def _re_dot(a, b, axis=None):
+    """Re sum(conj(a) b) in real arithmetic (XLA's complex reductions are slower)."""
+    return jnp.sum(a.real * b.real + a.imag * b.imag, axis=axis)
 
 
 def _solve2(a11, a12, a22, b1, b2, ridge=1e-6):
@@ -92,20 +103,40 @@ class ProjectionEngine(Engine):
         return carry
 
     # ------------------------------------------------------------ physics with stored waves
-    def _forward(self, state: State, idx):
-        """Waves incident on every slice, the exit wave and what the update needs."""
+    def _fixed(self, state: State):
+        """What stays fixed during one iteration, computed once before the loop over batches:
+        the Fresnel kernel (slice thickness and tilts are not refined here; one per position
+        with per-position tilts), and for every position its crop corner and its sub-pixel shift
+        ramp as two 1-D factors (a position moves only after its own batch's forward, so the
+        values at the start of the iteration are the ones its forward needs). Computing these
+        outside the compiled loop also keeps XLA from re-evaluating their sines and cosines
+        inside every product that broadcasts them over batch and modes (measured: the kernel
+        products then cost as much as the FFTs)."""
         optics = self.ctx.optics
         window = optics.grid.shape
-        top_left, frac = split_positions(state.positions_A[idx], optics.grid.pixel_size_A, window)
-        t = transmission(state.object_amplitude, state.object_phase)[0]  # (slices, Hy, Wx)
+        top_left, frac = split_positions(state.positions_A, optics.grid.pixel_size_A, window)
+        ky = jnp.asarray(np.fft.fftfreq(window[0]), jnp.float32)
+        kx = jnp.asarray(np.fft.fftfreq(window[1]), jnp.float32)
+        tilts = jnp.asarray(state.tilts_mrad, jnp.float32)
+        return {
+            "top_left": top_left,
+            "ramp_y": jnp.exp(-2j * np.pi * frac[:, 0, None] * ky),  # (n_pos, ny)
+            "ramp_x": jnp.exp(-2j * np.pi * frac[:, 1, None] * kx),  # (n_pos, nx)
+            "kernel": fresnel_kernel(optics.grid, optics.wavelength_A, state.slice_thickness_A, tilts,
+                                     optics.bandlimit),
+        }
+
+    def _forward(self, state: State, t, fixed, idx):
+        """Waves incident on every slice, the exit wave and what the update needs; ``t`` is the
+        complex transmission (slices, Hy, Wx), ``fixed`` from :meth:`_fixed`."""
+        window = self.ctx.optics.grid.shape
+        top_left = fixed["top_left"][idx]
         patches = crop_patches(t, top_left, window)  # (batch, slices, ny, nx)
-        ramp = shift_ramp(window, frac)  # (batch, ny, nx)
+        ramp = fixed["ramp_y"][idx][:, :, None] * fixed["ramp_x"][idx][:, None, :]  # (batch, ny, nx)
         probe = jnp.fft.ifft2(jnp.fft.fft2(state.probe)[None] * ramp[:, None])  # (batch, modes, ny, nx)
-        tilts = state.tilts_mrad[idx] if self.per_position_tilts else state.tilts_mrad
-        kernel = fresnel_kernel(optics.grid, optics.wavelength_A, state.slice_thickness_A,
-                                jnp.asarray(tilts, jnp.float32), optics.bandlimit)
-        if kernel.ndim == 3:
-            kernel = kernel[:, None]
+        kernel = fixed["kernel"]
+        if kernel.ndim == 3:  # one tilt per position
+            kernel = kernel[idx][:, None]
         incident = [probe]
         wave = probe * patches[:, 0, None]
         for s in range(1, t.shape[0]):
@@ -114,8 +145,13 @@ class ProjectionEngine(Engine):
         return {"top_left": top_left, "ramp": ramp, "patches": patches, "incident": incident, "exit": wave,
                 "kernel": kernel, "transmission": t}
 
+    @staticmethod
+    def _transmission(state: State):
+        return transmission(state.object_amplitude, state.object_phase)[0]
+
     def _model(self, state: State, idx):
-        far = jnp.fft.fft2(self._forward(state, idx)["exit"], norm="ortho")
+        fwd = self._forward(state, self._transmission(state), self._fixed(state), idx)
+        far = jnp.fft.fft2(fwd["exit"], norm="ortho")
         return _sum_modes(far.real**2 + far.imag**2)
 
     def _project(self, fwd, measured, mask):
@@ -155,11 +191,11 @@ class ProjectionEngine(Engine):
         dy = probe * crop_patches(grad_y, fwd["top_left"], window)[:, None]
         dx = probe * crop_patches(grad_x, fwd["top_left"], window)[:, None]
         axes = (1, 2, 3)
-        a11 = jnp.sum(dy.real**2 + dy.imag**2, axis=axes)
-        a22 = jnp.sum(dx.real**2 + dx.imag**2, axis=axes)
-        a12 = jnp.sum(jnp.real(jnp.conj(dy) * dx), axis=axes)
-        b1 = jnp.sum(jnp.real(jnp.conj(dy) * chi), axis=axes)
-        b2 = jnp.sum(jnp.real(jnp.conj(dx) * chi), axis=axes)
+        a11 = jnp.sum(_abs2(dy), axis=axes)
+        a22 = jnp.sum(_abs2(dx), axis=axes)
+        a12 = _re_dot(dy, dx, axes)
+        b1 = _re_dot(dy, chi, axes)
+        b2 = _re_dot(dx, chi, axes)
         step = jnp.stack(_solve2(a11, a12, a22, b1, b2, ridge=1e-3), axis=-1) * lr  # pixels
         norm = jnp.sqrt(jnp.sum(step**2, axis=-1, keepdims=True))
         step = step * jnp.minimum(1.0, MAX_POSITION_STEP_PX / (norm + _EPS))
@@ -176,9 +212,9 @@ class ProjectionEngine(Engine):
         return jnp.fft.ifft2(jnp.fft.fft2(values) * jnp.conj(kernel))
 
     @staticmethod
-    def _apply_object(state: State, dt, lr_phase, lr_amplitude):
-        """Add the complex update ``dt`` (slices, Hy, Wx) with separate steps for phase and amplitude."""
-        t = transmission(state.object_amplitude, state.object_phase)[0]
+    def _apply_object(state: State, t, dt, lr_phase, lr_amplitude):
+        """Add the complex update ``dt`` (slices, Hy, Wx) to the transmission ``t`` (of ``state``)
+        with separate steps for phase and amplitude."""
         t_phase = t + lr_phase * dt
         increment = jnp.angle(t_phase * jnp.conj(t))
         phase = jnp.where(lr_phase > 0, state.object_phase + increment[None], state.object_phase)
@@ -196,9 +232,9 @@ class ProjectionEngine(Engine):
             psi = fwd["incident"][s]
             obj = patches[:, s]
             num = self._scatter(_sum_modes(jnp.conj(psi) * chi), top_left, t.shape[-2:])
-            illum = self._scatter(_sum_modes(jnp.abs(psi) ** 2) * weight, top_left, t.shape[-2:])
+            illum = self._scatter(_sum_modes(_abs2(psi)) * weight, top_left, t.shape[-2:])
             dt.append(num / (jnp.max(illum) + _EPS))
-            obj2 = jnp.abs(obj) ** 2
+            obj2 = _abs2(obj)
             if s > 0:
                 dpsi = jnp.conj(obj)[:, None] * chi / (jnp.max(obj2, axis=(-2, -1))[:, None, None, None] + _EPS)
                 chi = self._back_propagate(dpsi, fwd["kernel"])
@@ -208,22 +244,26 @@ class ProjectionEngine(Engine):
                 norm = jnp.max(jnp.sum(obj2 * weight, axis=0)) + _EPS
                 probe = state.probe + (lr["probe"] * dprobe / norm).astype(state.probe.dtype)
         dt = jnp.stack(dt[::-1])
-        state = self._apply_object(state, dt, lr["object_phase"], lr["object_amplitude"])
+        state = self._apply_object(state, t, dt, lr["object_phase"], lr["object_amplitude"])
         return state._replace(probe=probe)
 
     # ------------------------------------------------------------ the compiled iteration
     def _iteration_impl(self, state, measured, batches, masks, val_batches, val_masks, hyper):
-        def step(state, batch):
+        fixed = self._fixed(state)
+
+        def step(carry, batch):
+            state, t = carry  # the transmission is carried: computed once per batch, on the object
             idx, mask = batch
-            fwd = self._forward(state, idx)
+            fwd = self._forward(state, t, fixed, idx)
             meas = measured[idx]
             chi, model = self._project(fwd, meas, mask)
             terms = {"single": single(model, meas, mask)}
             for name in self.data_losses:
                 terms[name] = DATA_LOSSES[name](model, meas, mask)
-            return self._update(state, fwd, chi, mask, idx, hyper["lr"]), terms
+            state = self._update(state, fwd, chi, mask, idx, hyper["lr"])
+            return (state, self._transmission(state)), terms
 
-        state, terms = lax.scan(step, state, (batches, masks))
+        (state, _), terms = lax.scan(step, (state, self._transmission(state)), (batches, masks))
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
         out = self.summarise(state, measured, terms, val_batches, val_masks, single)
         return state, out

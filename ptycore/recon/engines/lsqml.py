@@ -32,7 +32,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ptycore.physics.shifts import crop_patches
-from ptycore.recon.engines.epie import ProjectionEngine, _solve2, _sum_modes
+from ptycore.recon.engines.epie import ProjectionEngine, _abs2, _re_dot, _solve2, _sum_modes
 
 _EPS = 1e-12
 #: regularisation of the direction's denominator, relative to its maximum
@@ -47,12 +47,26 @@ POISSON_MODEL_FLOOR = 1e-2
 
 def _steps(u, v, chi, use_u, use_v):
     """Least-squares steps (a_u, a_v) minimising ||chi - a_u u - a_v v||^2 (sums over everything)."""
-    a11 = jnp.sum(jnp.abs(u) ** 2)
-    a22 = jnp.sum(jnp.abs(v) ** 2)
-    a12 = jnp.real(jnp.sum(jnp.conj(u) * v)) * use_u * use_v
-    b1 = jnp.real(jnp.sum(jnp.conj(u) * chi)) * use_u
-    b2 = jnp.real(jnp.sum(jnp.conj(v) * chi)) * use_v
+    a11 = jnp.sum(_abs2(u))
+    a22 = jnp.sum(_abs2(v))
+    a12 = _re_dot(u, v) * use_u * use_v
+    b1 = _re_dot(u, chi) * use_u
+    b2 = _re_dot(v, chi) * use_v
     return _solve2(jnp.where(use_u, a11, 1.0), a12, jnp.where(use_v, a22, 1.0), b1, b2)
+
+
+def _steps_inner(d_obj_patch, g, psi2, w, chi2, use_object):
+    """:func:`_steps` for a slice below the first, from per-position (batch, ny, nx) sums over
+    modes only: there ``u = d_obj psi`` and ``v = O d_psi = w chi`` with the real weight
+    ``w = |O|^2 / (|O|^2 + delta)``, so with ``g = sum_modes conj(psi) chi`` every entry of the
+    2x2 system is a real sum (the same numbers, a fraction of the passes over the waves)."""
+    r = d_obj_patch.real * g.real + d_obj_patch.imag * g.imag  # Re conj(u) chi, summed over modes
+    a11 = jnp.sum(_abs2(d_obj_patch) * psi2)
+    a12 = jnp.sum(w * r) * use_object
+    a22 = jnp.sum(w * w * chi2)
+    b1 = jnp.sum(r) * use_object
+    b2 = jnp.sum(w * chi2)
+    return _solve2(jnp.where(use_object, a11, 1.0), a12, a22, b1, b2)
 
 
 def poisson_far_field_factor(model, measured):
@@ -92,26 +106,28 @@ class LSQMLEngine(ProjectionEngine):
         for s in reversed(range(t.shape[0])):
             psi = fwd["incident"][s]
             obj = patches[:, s]
-            num = self._scatter(_sum_modes(jnp.conj(psi) * chi), top_left, t.shape[-2:])
-            illum = self._scatter(_sum_modes(jnp.abs(psi) ** 2) * weight, top_left, t.shape[-2:])
+            g = _sum_modes(jnp.conj(psi) * chi)  # (batch, ny, nx)
+            psi2 = _sum_modes(_abs2(psi))
+            num = self._scatter(g, top_left, t.shape[-2:])
+            illum = self._scatter(psi2 * weight, top_left, t.shape[-2:])
             d_obj = num / (illum + DELTA * jnp.max(illum) + _EPS)
-            u = crop_patches(d_obj, top_left, obj.shape[-2:])[:, None] * psi
-            obj2 = jnp.abs(obj) ** 2
+            d_obj_patch = crop_patches(d_obj, top_left, obj.shape[-2:])
+            obj2 = _abs2(obj)
             if s > 0:
-                d_psi = jnp.conj(obj)[:, None] * chi / (obj2 + DELTA * jnp.max(obj2, axis=(-2, -1), keepdims=True)
-                                                        + _EPS)[:, None]
-                v = obj[:, None] * d_psi
-                a_obj, a_psi = _steps(u, v, chi, use_object, True)
+                den = obj2 + DELTA * jnp.max(obj2, axis=(-2, -1), keepdims=True) + _EPS
+                d_psi = jnp.conj(obj)[:, None] * chi / den[:, None]
+                a_obj, a_psi = _steps_inner(d_obj_patch, g, psi2, obj2 / den, _sum_modes(_abs2(chi)), use_object)
                 chi = self._back_propagate(a_psi * d_psi, fwd["kernel"])
             else:
                 state = self._move_positions(state, fwd, chi, mask, idx, lr["positions"])
                 num_p = self._unshift_sum(jnp.conj(obj)[:, None] * chi, fwd["ramp"])
                 den_p = jnp.sum(obj2 * weight, axis=0)
                 d_probe = num_p / (den_p + DELTA * jnp.max(den_p) + _EPS)
+                u = d_obj_patch[:, None] * psi
                 v = obj[:, None] * jnp.fft.ifft2(jnp.fft.fft2(d_probe)[None] * fwd["ramp"][:, None])
                 a_obj, a_probe = _steps(u, v, chi, use_object, lr["probe"] > 0)
                 probe = state.probe + (lr["probe"] * a_probe * d_probe).astype(state.probe.dtype)
             dt.append(a_obj * d_obj)
         dt = jnp.stack(dt[::-1])
-        state = self._apply_object(state, dt, lr["object_phase"], lr["object_amplitude"])
+        state = self._apply_object(state, t, dt, lr["object_phase"], lr["object_amplitude"])
         return state._replace(probe=probe)
