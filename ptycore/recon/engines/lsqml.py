@@ -61,9 +61,12 @@ def _steps_inner(d_obj_patch, g, psi2, w, chi2, use_object):
     ``w = |O|^2 / (|O|^2 + delta)``, so with ``g = sum_modes conj(psi) chi`` every entry of the
     2x2 system is a real sum (the same numbers, a fraction of the passes over the waves)."""
     r = d_obj_patch.real * g.real + d_obj_patch.imag * g.imag  # Re conj(u) chi, summed over modes
-    terms = jnp.stack([_abs2(d_obj_patch) * psi2, w * r, w * w * chi2, r, w * chi2])
-    a11, a12, a22, b1, b2 = jnp.sum(terms.reshape(5, -1), axis=1)  # one reduction for the five sums
-    return _solve2(jnp.where(use_object, a11, 1.0), a12 * use_object, a22, b1 * use_object, b2)
+    a11 = jnp.sum(_abs2(d_obj_patch) * psi2)
+    a12 = jnp.sum(w * r) * use_object
+    a22 = jnp.sum(w * w * chi2)
+    b1 = jnp.sum(r) * use_object
+    b2 = jnp.sum(w * chi2)
+    return _solve2(jnp.where(use_object, a11, 1.0), a12, a22, b1, b2)
 
 
 def poisson_far_field_factor(model, measured):
