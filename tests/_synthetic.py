@@ -37,6 +37,15 @@ class Synthetic:
         return State(jnp.ones(shape, jnp.float32), jnp.zeros(shape, jnp.float32), self.probe,
                      jnp.asarray(pos, jnp.float32), jnp.zeros(2, jnp.float32), jnp.float32(self.slice_thickness_A))
 
+    def phase_ssim(self, phase) -> float:
+        """Phase SSIM against the truth over the scanned area (the constant phase offset, which
+        the data cannot fix, removed)."""
+        from skimage.metrics import structural_similarity
+
+        a, b = self.scanned(np.asarray(phase)), self.scanned(self.truth_phase)
+        a = a - a.mean() + b.mean()
+        return structural_similarity(a, b, data_range=float(b.max() - b.min()))
+
     def scanned(self, image: np.ndarray) -> np.ndarray:
         lo = np.ceil(self.positions_A.min(0) / self.pixel_size_A).astype(int)
         hi = np.floor(self.positions_A.max(0) / self.pixel_size_A).astype(int)

@@ -10,7 +10,6 @@ import pytest
 import yaml
 import zarr
 from _synthetic import CONVERGENCE_MRAD, ENERGY_KV, make_synthetic, write_stores
-from skimage.metrics import structural_similarity
 
 from ptycore.cli import main
 from ptycore.errors import InvalidData
@@ -29,11 +28,6 @@ COARSE = 32
 def synthetic():
     return make_synthetic(n_det=N_DET, scan=12, step_A=0.5, pixel_A=PIXEL_A)
 
-
-def _ssim(syn, phase):
-    a, b = syn.scanned(np.asarray(phase)), syn.scanned(syn.truth_phase)
-    a = a - a.mean() + b.mean()  # the constant phase offset is not measurable
-    return structural_similarity(a, b, data_range=float(b.max() - b.min()))
 
 
 def _band_limited_phase(h, w, offset=2.5):
@@ -199,12 +193,12 @@ def test_two_stage_coarse_to_fine_recovers_object(synthetic):
     assert coarse.pixel_size_A == pytest.approx(0.4) and state.probe.shape == (1, COARSE, COARSE)
     assert coarse.history["single"][-1] < 0.9 * coarse.history["single"][0]
     upsampled = fourier_resample(state.object_phase, synthetic.truth_phase.shape)
-    assert _ssim(synthetic, upsampled[0, 0]) > 0.9
+    assert synthetic.phase_ssim(upsampled[0, 0]) > 0.9
     state, fine = run_stage(plan.stages[1], 1, state, synthetic.measurement, seed=0, plan_hash="t", workdir=None,
                             progress=False)
     assert fine.pixel_size_A == pytest.approx(PIXEL_A) and state.probe.shape == (1, N_DET, N_DET)
     assert state.object_phase.shape[-2:] == synthetic.truth_phase.shape
-    ssim = _ssim(synthetic, state.object_phase[0, 0])
+    ssim = synthetic.phase_ssim(state.object_phase[0, 0])
     assert ssim > 0.95, ssim
 
 
