@@ -397,3 +397,20 @@ def test_orthogonalize_modes_keeps_the_density_matrix():
     powers = np.asarray(powers)
     assert np.all(np.diff(powers) <= 0) and powers.sum() == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(powers, norms**2 / np.sum(norms**2), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n_old", "n_new"), [(16, 40), (16, 9), (15, 32), (17, 12)])
+def test_spectrum_resize_interpolates_band_limited_fields_exactly(n_old, n_new):
+    """Padding the spectrum of a band-limited real field samples the same field on a finer grid,
+    cropping on a coarser one (a frequency below both Nyquist limits), numpy and JAX alike."""
+    from ptycore.physics.fourier import resize_spectrum_axis
+
+    def field(n):
+        x = np.arange(n) / n
+        return 0.3 + np.cos(2 * np.pi * 3 * x + 0.4) - 0.5 * np.sin(2 * np.pi * 4 * x)
+
+    spec = np.fft.fft(field(n_old), norm="forward")
+    numpy_out = resize_spectrum_axis(spec, n_new, 0, real=True)
+    jax_out = np.asarray(resize_spectrum_axis(jnp.asarray(spec, jnp.complex64), n_new, 0, real=True))
+    np.testing.assert_allclose(np.fft.ifft(numpy_out, norm="forward").real, field(n_new), atol=1e-12)
+    np.testing.assert_allclose(jax_out, numpy_out, atol=1e-6)

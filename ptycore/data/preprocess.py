@@ -151,34 +151,16 @@ def pad_detector(patterns: np.ndarray, size: int) -> np.ndarray:
     return np.pad(patterns, pads)
 
 
-def _fourier_resize_axis(spec: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Resize a centred spectrum (zero frequency at m//2) to n along ``axis`` (zero at n//2)."""
-    spec = np.moveaxis(spec, axis, -1)
-    m = spec.shape[-1]
-    if n == m:
-        return np.moveaxis(spec, -1, axis)
-    out = np.zeros(spec.shape[:-1] + (n,), spec.dtype)
-    if n > m:
-        lo = n // 2 - m // 2
-        out[..., lo : lo + m] = spec
-        if m % 2 == 0:  # split the unpaired Nyquist frequency -m/2 evenly onto +m/2
-            out[..., lo] *= 0.5
-            out[..., lo + m] = out[..., lo]
-    else:
-        lo = m // 2 - n // 2
-        out[...] = spec[..., lo : lo + n]
-        if n % 2 == 0:  # fold +n/2 onto the unpaired -n/2
-            out[..., 0] += spec[..., lo + n]
-    return np.moveaxis(out, -1, axis)
-
-
 def resample_detector(patterns: np.ndarray, size: int) -> np.ndarray:
     """Fourier interpolation of ``(..., M, M)`` patterns to ``(..., size, size)``: the same angular
     range in finer or coarser pixels; total counts kept, zero frequency at pixel size//2."""
+    from ptycore.physics.fourier import resize_spectrum_axis  # (imports jax: only when resampling)
+
     axes = (-2, -1)
-    spec = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(patterns.astype(np.float64), axes=axes)), axes=axes)
-    spec = _fourier_resize_axis(_fourier_resize_axis(spec, size, -2), size, -1)
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(spec, axes=axes)), axes=axes).real
+    spec = np.fft.fft2(np.fft.ifftshift(patterns.astype(np.float64), axes=axes))  # FFT order
+    for axis in axes:
+        spec = resize_spectrum_axis(spec, size, axis, real=True)
+    return np.fft.fftshift(np.fft.ifft2(spec), axes=axes).real
 
 
 def bright_field_centre(mean_pattern: np.ndarray) -> tuple[float, float]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptycore.errors import InvalidData
+from ptycore.physics.fourier import fft_order_band
 from ptycore.physics.grid import Grid
 from ptycore.physics.multislice import Optics
 from ptycore.store import open_store
@@ -58,13 +59,6 @@ class Measurement:
         keep = fft_order_band(ny, detector_px)
         cropped = self.intensities[:, keep][:, :, keep]
         return replace(self, intensities=cropped, pixel_size_A=self.pixel_size_A * ny / detector_px)
-
-
-def fft_order_band(n: int, n_kept: int) -> np.ndarray:
-    """Indices, into an ``n``-point axis in FFT order, of the central ``n_kept`` frequencies in
-    ``n_kept``-point FFT order (integer frequencies -n_kept//2 … (n_kept-1)//2)."""
-    k = np.rint(np.fft.fftfreq(n_kept, 1.0 / n_kept)).astype(np.int64)
-    return k % n
 
 
 def load_measurement(path) -> Measurement:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptycore.errors import InvalidData
+from ptycore.physics.fourier import resize_spectrum_axis
 from ptycore.physics.probe import make_mixed_probe, orthogonalize_modes
 from ptycore.physics.shifts import object_shape_for
 from ptycore.physics.slicing import slice_weights
@@ -134,38 +135,6 @@ def pad_object(state: State, pad_px: int, pixel_size_A: float) -> State:
 
 
 # ---------------------------------------------------------------- object pixel size (Fourier resampling)
-def _resize_axis(spec, n_new: int, axis: int, real: bool):
-    """Crop or zero-pad one axis of a spectrum in FFT order to ``n_new`` points, keeping the
-    central frequencies. ``real``: the spectrum is of a real field; the Nyquist bin of the
-    smaller size (even sizes) then stands for both ±n/2 (summed on a crop, split in halves on a
-    pad), so the result stays real, a pad is an exact interpolation and pad-then-crop is exact.
-    Otherwise (a complex wave) the bins -n/2 … n/2-1 are kept as they are, as a detector crop does."""
-    axis = axis % spec.ndim
-    n_old = spec.shape[axis]
-    if n_new == n_old:
-        return spec
-    m = min(n_old, n_new)
-    k = np.rint(np.fft.fftfreq(m, 1.0 / m)).astype(np.int64)  # kept integer frequencies, FFT order
-    index = [slice(None)] * spec.ndim
-
-    def at(i):
-        index[axis] = i
-        return tuple(index)
-
-    if n_new < n_old:
-        out = jnp.take(spec, jnp.asarray(k % n_old), axis=axis)
-        if real and m % 2 == 0:  # the coarse Nyquist bin holds both +m/2 and -m/2
-            out = out.at[at(m // 2)].add(spec[at(m // 2)])
-        return out
-    shape = list(spec.shape)
-    shape[axis] = n_new
-    out = jnp.zeros(shape, spec.dtype).at[at(jnp.asarray(k % n_new))].set(spec)
-    if real and m % 2 == 0:  # split the old Nyquist bin between -m/2 and +m/2
-        half = spec[at(m // 2)] / 2
-        out = out.at[at(n_new - m // 2)].set(half).at[at(m // 2)].set(half)
-    return out
-
-
 def fourier_resample(field, shape: tuple[int, int]):
     """Resample a real field ``(..., Hy, Wx)`` to ``shape`` over the same (periodic) field of view
     by cropping or zero-padding its spectrum: the values are kept (a band-limited field is
@@ -177,7 +146,7 @@ def fourier_resample(field, shape: tuple[int, int]):
 def _fourier_resample(field, shape):
     spec = jnp.fft.fft2(field, norm="forward")  # bin [0, 0] is the mean
     for axis, n in zip((-2, -1), shape, strict=True):
-        spec = _resize_axis(spec, int(n), axis, real=True)
+        spec = resize_spectrum_axis(spec, int(n), axis, real=True)
     return jnp.real(jnp.fft.ifft2(spec, norm="forward")).astype(field.dtype)
 
 
@@ -197,7 +166,7 @@ def resample_probe_window(probe, shape: tuple[int, int]):
 def _resample_probe_window(probe, shape):
     spec = jnp.fft.fft2(jnp.fft.ifftshift(probe, axes=(-2, -1)), norm="ortho")
     for axis, n in zip((-2, -1), shape, strict=True):
-        spec = _resize_axis(spec, int(n), axis, real=False)
+        spec = resize_spectrum_axis(spec, int(n), axis, real=False)
     return jnp.fft.fftshift(jnp.fft.ifft2(spec, norm="ortho"), axes=(-2, -1)).astype(jnp.complex64)
 
 
