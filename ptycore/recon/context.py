@@ -47,15 +47,12 @@ class Measurement:
         band are simply not fitted, so ``mean_counts`` of the crop is below the full data's.
         The crop is done by index in FFT order (kept frequencies -N'/2 … N'/2 - 1, zero at
         [0, 0]), the same band ``ptycore.recon.state.resample_probe_window`` keeps of the probe.
+        The detector must be square and at least ``detector_px`` wide: the stage runner checks
+        that, with the stage's name, in ``ptycore.recon.runner.check_stage_detector``.
         """
         ny, nx = self.detector_shape
         if detector_px == ny == nx:
             return self
-        if ny != nx:
-            raise InvalidData(f"{self.source or 'data'}: detector_px needs a square detector, got {ny}×{nx}")
-        if detector_px > ny:
-            raise InvalidData(f"{self.source or 'data'}: detector_px {detector_px} is larger than the "
-                              f"detector ({ny}×{nx})")
         keep = fft_order_band(ny, detector_px)
         cropped = self.intensities[:, keep][:, :, keep]
         return replace(self, intensities=cropped, pixel_size_A=self.pixel_size_A * ny / detector_px)
