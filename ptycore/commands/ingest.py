@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-HELP = "read raw patterns (HDF5, .npy/.npz, .mat, EMPAD .raw, zarr) and their metadata into data.zarr"
+HELP = ("read raw patterns (Merlin .mib, Gatan .dm3/.dm4, EMPAD, Dectris Arina, EMD/py4DSTEM, MRC, HDF5, "
+        ".npy/.npz, .mat, zarr) and their metadata into data.zarr")
 
 
 def add_arguments(p):
     p.add_argument("--patterns", required=True, metavar="FILE[:DATASET]",
                    help="pattern file, with the dataset path inside it where the file holds several arrays "
-                        "(e.g. scan.h5:/entry/data); (scan_y, scan_x, ky, kx) or (n_pos, ky, kx)")
-    p.add_argument("--meta", required=True, help="acquisition metadata YAML (energy_kv, convergence_mrad, ...)")
+                        "(e.g. scan.h5:/entry/data); (scan_y, scan_x, ky, kx) or (n_pos, ky, kx), other axis "
+                        "orders by pattern_axes in the metadata")
+    p.add_argument("--meta", help="acquisition metadata YAML (energy_kv, convergence_mrad, ...); its keys override "
+                                  "the pattern file's header and fill what the header lacks (default: the header "
+                                  "alone)")
     p.add_argument("--out", required=True, help="output store (zarr v3), written atomically")
     p.add_argument("--max-memory-mb", type=float, default=1024,
                    help="working memory for pattern chunks in MB; sets the chunk size (default 1024)")
@@ -33,5 +37,6 @@ def run(args) -> int:
     if not args.quiet:
         ky, kx = summary["detector_shape"]
         print(f"wrote {summary['out']}: {summary['n_pos']} patterns of {ky}x{kx}, "
-              f"mean {summary['mean_counts']:.4g} counts per pattern")
+              f"mean {summary['mean_counts']:.4g} counts per pattern"
+              + (f", {summary['bad_pixels']} detector pixels masked" if summary["bad_pixels"] else ""))
     return 0

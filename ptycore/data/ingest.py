@@ -1,5 +1,10 @@
 """Ingest: raw patterns + acquisition metadata → ``data.zarr``, validated, oriented and checksummed.
 
+The acquisition metadata is the YAML (``--meta``) over the pattern file's header: values the file
+header carries (:mod:`ptycore.data.formats`) fill the keys the YAML leaves out, and the YAML
+overrides the header; ``provenance.metadata_sources`` records where each key came from. Without
+``--meta`` every required key must come from the header.
+
 The patterns are streamed: a lazy view of the file (:mod:`ptycore.data.readers`) becomes a dask
 array chunked along the scan, each chunk is checked and oriented, and written to the zarr array
 chunk by chunk; the whole 4D array is never in memory. ``max_memory_mb`` sets the chunk size (the
@@ -12,9 +17,14 @@ working memory for patterns, on top of the interpreter and its libraries).
   (``detector_flip``: transpose first, then flip_y, then flip_x) is applied here, once.
 * ``positions_A`` ``(n_pos, 2)`` float32, nominal probe positions (y, x) in Å; position index
   ``iy * nx + ix``; scan index (0, 0) at (0, 0) Å; see :func:`scan_positions_A` for the rotation.
+* ``detector_mask`` ``(ky, kx)`` bool, True = good pixel, oriented like the patterns (all True
+  when no mask is given; see :mod:`ptycore.data.mask`). Non-finite values at bad pixels are
+  stored as 0; the checks below look at good pixels only.
 * attrs ``metadata`` (the validated acquisition record), ``scan_shape``, ``wavelength_A``,
   ``detector_pixel_mrad``, ``detector_shape``, ``stats`` (counts), ``orientation_applied``,
-  ``provenance`` (with the sha256 of the pattern file and of the metadata file).
+  ``detector_mask_bad_pixels``, ``provenance`` (with the sha256 of the pattern file, of every other
+  file read — .hdr, .xml, Arina data files, mask file — and of the metadata file; the header
+  values read, ``metadata_sources`` and the mask's sources).
 
 Checks, per chunk while streaming (a failure names the frame and scan position, and no store is
 left behind): every value finite; no value below the negative limit. Small negative values from
@@ -34,8 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ptycore.data.metadata import AcquisitionMetadata, DetectorFlip, load_metadata
-from ptycore.data.readers import Frames, open_patterns
+from ptycore.data.metadata import (
+    AcquisitionMetadata,
+    DetectorFlip,
+    check_pattern_axes,
+    merge_header,
+    parse_metadata,
+    read_metadata_record,
+)
+from ptycore.data.readers import Frames, PatternSource, open_patterns
 from ptycore.errors import InvalidArgument, InvalidData
 
 MAX_CHUNK_PATTERNS = 256
@@ -119,17 +136,22 @@ def _scan_index(i: int, scan_shape) -> str:
     return f"frame {int(i)} (scan y={iy}, x={ix})"
 
 
-def check_block(data: np.ndarray, offset: int, label: str, scan_shape, negative_tolerance: float | None) -> None:
-    """Raise :class:`InvalidData` for a NaN/Inf value or counts below the negative limit."""
-    finite = np.isfinite(data)
+def check_block(data: np.ndarray, offset: int, label: str, scan_shape, negative_tolerance: float | None,
+                good: np.ndarray | None = None) -> None:
+    """Raise :class:`InvalidData` for a NaN/Inf value or counts below the negative limit (at the
+    ``good`` pixels only, when a detector mask is given)."""
+    pixels = data.reshape(len(data), -1) if good is None else data[:, good]
+    finite = np.isfinite(pixels)
     if not finite.all():
-        i = int(np.argmin(finite.reshape(len(data), -1).all(axis=1)))
+        i = int(np.argmin(finite.all(axis=1)))
         n_bad = int(np.size(finite[i]) - np.count_nonzero(finite[i]))
         raise InvalidData(f"{label}: {_scan_index(offset + i, scan_shape)} contains NaN or Inf "
-                          f"({n_bad} pixels)")
-    lows = data.min(axis=(1, 2))
+                          f"({n_bad} pixels" + (", not masked" if good is not None else "") + ")")
+    if pixels.shape[1] == 0:
+        return
+    lows = pixels.min(axis=1)
     if negative_tolerance is None:
-        limits = -np.maximum(NEGATIVE_FLOOR, NEGATIVE_FRACTION * data.max(axis=(1, 2)))
+        limits = -np.maximum(NEGATIVE_FLOOR, NEGATIVE_FRACTION * pixels.max(axis=1))
         rule = f"-max({NEGATIVE_FLOOR:g}, {NEGATIVE_FRACTION:g} x frame max)"
     else:
         limits = np.full(len(data), -float(negative_tolerance))
@@ -139,6 +161,46 @@ def check_block(data: np.ndarray, offset: int, label: str, scan_shape, negative_
         i = int(np.argmax(below))
         raise InvalidData(f"{label}: {_scan_index(offset + i, scan_shape)} has negative counts down to "
                           f"{lows[i]:.4g}, below the read-noise limit {limits[i]:.4g} = {rule}")
+
+
+def detector_mask_for(source: PatternSource, meta: AcquisitionMetadata, where: str,
+                      base: Path | None) -> tuple[np.ndarray, list[str], list[Path]]:
+    """Good pixels ``(ky, kx)`` in the reader's frame: the detector's own mask, the metadata's
+    ``detector_mask`` file and ``bad_pixels``; with the sources and the files read."""
+    from ptycore.data.mask import bad_pixels_mask, load_mask_file
+
+    shape = tuple(source.frames.shape[1:])
+    good = np.ones(shape, bool)
+    sources, files = [], []
+    if source.mask is not None:
+        good &= source.mask
+        sources.append(source.mask_source)
+    if meta.detector_mask is not None:
+        file_mask, path = load_mask_file(meta.detector_mask, shape, where, base)
+        good &= file_mask
+        sources.append(f"detector_mask {path}")
+        files.append(path)
+    if meta.bad_pixels:
+        good &= bad_pixels_mask(meta.bad_pixels, shape, where)
+        sources.append(f"bad_pixels of {where} ({len(meta.bad_pixels)})")
+    return good, sources, files
+
+
+def _hints(record: dict, where: str) -> dict:
+    """The metadata keys a reader needs before the header is read, checked enough to use."""
+    hints = {}
+    scan = record.get("scan_shape")
+    if isinstance(scan, (list, tuple)) and len(scan) == 2 and all(isinstance(v, int) and v > 0 for v in scan):
+        hints["scan_shape"] = tuple(scan)
+    if record.get("pattern_axes") is not None:
+        try:
+            hints["pattern_axes"] = check_pattern_axes(record["pattern_axes"])
+        except (ValueError, TypeError) as err:
+            raise InvalidData(f"{where}: pattern_axes: {err}") from None
+    edge = record.get("chip_edge_px")
+    if isinstance(edge, int) and edge >= 0:
+        hints["chip_edge_px"] = edge
+    return hints
 
 
 @contextlib.contextmanager
@@ -156,10 +218,12 @@ def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callab
         yield lambda n: bar.advance(task, n)
 
 
-def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, overwrite: bool = False,
+def ingest(patterns: str | Path, meta_path: str | Path | None, out: str | Path, *, overwrite: bool = False,
            max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, chunk_patterns: int | None = None,
            negative_tolerance: float | None = None, workers: int = 2, progress: bool = False) -> dict:
-    """Validate and write ``out`` (data.zarr); return a short summary. See the module docstring."""
+    """Validate and write ``out`` (data.zarr); return a short summary. See the module docstring.
+
+    ``meta_path`` None: the whole acquisition record comes from the pattern file's header."""
     import dask
     import dask.array as da
 
@@ -172,27 +236,41 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
         raise InvalidArgument(f"--workers must be >= 1, got {workers}")
     if negative_tolerance is not None and not negative_tolerance >= 0:
         raise InvalidArgument(f"--negative-tolerance must be >= 0, got {negative_tolerance}")
-    meta = load_metadata(meta_path)
+    record = read_metadata_record(meta_path) if meta_path is not None else {}
+    meta_where = str(meta_path) if meta_path is not None else "metadata (no --meta)"
     out = Path(out)
     refuse_existing(out, overwrite)
-    with open_patterns(patterns, scan_shape=meta.scan_shape) as source:
+    with open_patterns(patterns, **_hints(record, meta_where)) as source:
         frames = source.frames
         label = source.label
+        merged, sources = merge_header(record, source.header, meta_where, source.header_source or str(source.path))
+        hint = (f" (not in the header of {source.path}; give it in the metadata YAML"
+                + (")" if meta_path is not None else ", --meta)"))
+        meta = parse_metadata(merged, meta_where, sources=sources, missing_hint=hint)
         scan_shape = tuple(meta.scan_shape)
+        where_scan = sources.get("scan_shape", meta_where)
         if frames.scan_shape is not None and tuple(frames.scan_shape) != scan_shape:
             raise InvalidData(f"{label}: patterns {frames.file_shape} have scan shape {list(frames.scan_shape)} "
-                              f"but {meta_path} has scan_shape {list(scan_shape)}")
+                              f"but {where_scan} has scan_shape {list(scan_shape)}")
         if frames.shape[0] != scan_shape[0] * scan_shape[1]:
-            raise InvalidData(f"{label}: {frames.shape[0]} patterns but {meta_path} scan_shape "
+            raise InvalidData(f"{label}: {frames.shape[0]} patterns but {where_scan} scan_shape "
                               f"{list(scan_shape)} needs {scan_shape[0] * scan_shape[1]}")
+        good_raw, mask_sources, mask_files = detector_mask_for(
+            source, meta, meta_where, Path(meta_path).parent if meta_path is not None else None)
         flip = meta.detector_flip
         det_shape = frames.shape[1:][::-1] if flip.transpose else frames.shape[1:]
+        good = np.ascontiguousarray(orient(good_raw, flip))
+        all_good = bool(good_raw.all())
         wavelength = wavelength_A(meta.energy_kv)
         pixel_mrad = detector_pixel_mrad(meta, wavelength)
-        check_convergence_fits(meta, det_shape, pixel_mrad, str(meta_path))
+        check_convergence_fits(meta, det_shape, pixel_mrad, sources.get("convergence_mrad", meta_where))
         chunk = chunk_patterns_for(frames, max_memory_mb, workers, chunk_patterns)
         positions = scan_positions_A(scan_shape, meta.scan_step_A, meta.scan_rotation_deg)
-        inputs = {str(source.path): checksum(source.path), str(meta_path): checksum(meta_path)}
+        inputs = {str(source.path): checksum(source.path)}
+        for extra in [*source.inputs, *mask_files]:
+            inputs[str(extra)] = checksum(extra)
+        if meta_path is not None:
+            inputs[str(meta_path)] = checksum(meta_path)
         n_pos = frames.shape[0]
         n_chunks = math.ceil(n_pos / chunk)
 
@@ -206,7 +284,9 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
             def prepare(block, block_info=None):
                 offset = block_info[0]["array-location"][0][0] if block_info else 0
                 data = np.asarray(block, dtype=np.float32)
-                check_block(data, offset, label, scan_shape, negative_tolerance)
+                if not all_good:
+                    data = np.where(good_raw | np.isfinite(data), data, np.float32(0))
+                check_block(data, offset, label, scan_shape, negative_tolerance, None if all_good else good_raw)
                 advance(1)
                 return np.ascontiguousarray(orient(data, flip))
 
@@ -221,6 +301,9 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
             write_array(group, "positions_A", positions, attrs={
                 "units": "Å", "axes": "n_pos (index iy * nx + ix), (y, x)",
                 "frame": "nominal scan: scan index (0, 0) at (0, 0) Å, rotated by scan_rotation_deg"})
+            write_array(group, "detector_mask", good, attrs={
+                "axes": "ky, kx (oriented like patterns)", "meaning": "True = good pixel",
+                "sources": mask_sources})
             stats = {"mean_counts": float(np.mean(totals)), "min_total": float(np.min(totals)),
                      "max_total": float(np.max(totals)), "min_value": float(low), "max_value": float(high)}
             orientation = {**flip.model_dump(), "scan_rotation_deg": meta.scan_rotation_deg}
@@ -230,13 +313,18 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
                 "wavelength_A": wavelength,
                 "detector_pixel_mrad": pixel_mrad,
                 "detector_shape": list(det_shape),
+                "detector_mask_bad_pixels": int(good.size - np.count_nonzero(good)),
                 "orientation_applied": orientation,
                 "stats": stats,
                 "provenance": provenance(
                     verb="ingest",
                     inputs=inputs,
                     patterns={"file": str(source.path), "dataset": source.dataset, "format": source.format,
-                              "shape": list(frames.file_shape), "dtype": str(frames.dtype)},
+                              "shape": list(frames.file_shape), "dtype": str(frames.dtype),
+                              "pattern_axes": list(frames.axes), "reversed_axes": frames._reverse},
+                    header=_jsonable(source.header),
+                    metadata_sources=sources,
+                    detector_mask={"sources": mask_sources, "bad_pixels": int(good.size - np.count_nonzero(good))},
                     orientation_applied=orientation,
                     chunk_patterns=chunk,
                     max_memory_mb=max_memory_mb,
@@ -245,4 +333,9 @@ def ingest(patterns: str | Path, meta_path: str | Path, out: str | Path, *, over
                                     else f"-max({NEGATIVE_FLOOR:g}, {NEGATIVE_FRACTION:g} x frame max)"),
                 ),
             })
-    return {"out": out, "n_pos": n_pos, "detector_shape": tuple(det_shape), "chunk_patterns": chunk, **stats}
+    return {"out": out, "n_pos": n_pos, "detector_shape": tuple(det_shape), "chunk_patterns": chunk,
+            "bad_pixels": int(good.size - np.count_nonzero(good)), **stats}
+
+
+def _jsonable(header: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in header.items()}

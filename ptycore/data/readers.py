@@ -36,9 +36,12 @@ import numpy as np
 from ptycore.errors import InvalidData
 
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".emd", ".cxi"}
+#: formats read through rosettasciio (see ptycore.data.formats), by extension
+RSCIIO_SUFFIXES = {".mib": "merlin", ".dm3": "dm", ".dm4": "dm", ".mrc": "mrc"}
 EMPAD_FRAME = (130, 128)  # rows, columns of one raw frame (two metadata rows at the bottom)
 EMPAD_DETECTOR = (128, 128)
-FORMATS = "HDF5 (.h5/.hdf5), .npy, .npz, MATLAB .mat (v5, v7.3), EMPAD .raw, zarr"
+FORMATS = ("HDF5 (.h5/.hdf5/.nxs/.cxi), Merlin .mib, Gatan .dm3/.dm4, EMPAD .xml/.raw, Dectris Arina _master.h5, "
+           "EMD (Velox, Berkeley, py4DSTEM), MRC, .npy, .npz, MATLAB .mat (v5, v7.3), zarr")
 
 
 def parse_spec(spec: str | Path) -> tuple[Path, str | None]:
@@ -58,27 +61,69 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else err.__class__.__name__
 
 
-class Frames:
-    """Lazy ``(n_pos, ky, kx)`` view over a 3-D or 4-D array-like (h5py dataset, memmap, zarr array).
+DEFAULT_AXES = {3: ("n_pos", "ky", "kx"), 4: ("scan_y", "scan_x", "ky", "kx")}
+#: the layouts told apart by shape alone when pattern_axes is not given (a scan-first array as
+#: numpy, HDF5 and zarr writers make it; a detector-first one as fold_slice / MATLAB make it)
+INFERRED_AXES = {3: [("n_pos", "ky", "kx"), ("ky", "kx", "n_pos")],
+                 4: [("scan_y", "scan_x", "ky", "kx"), ("ky", "kx", "scan_y", "scan_x")]}
 
-    ``reverse_axes`` reads an array stored with its axes reversed (MATLAB v7.3). Indexing with a
-    slice along the first axis reads only those frames; this is what ``dask.array.from_array``
-    calls.
+
+def infer_axes(shape: tuple[int, ...], scan_shape, label: str) -> tuple[str, ...]:
+    """The axis order of an array of ``shape`` given the scan: the one conventional layout that
+    fits, the scan-first default when none fits (the shape check then names the mismatch), and an
+    error asking for ``pattern_axes`` when both fit."""
+    ndim = len(shape)
+    if ndim not in DEFAULT_AXES or scan_shape is None:
+        return DEFAULT_AXES.get(ndim, ())
+    ny, nx = (int(s) for s in scan_shape)
+    fits = [axes for axes in INFERRED_AXES[ndim]
+            if all(shape[i] == {"n_pos": ny * nx, "scan_y": ny, "scan_x": nx}.get(a, shape[i])
+                   for i, a in enumerate(axes))]
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        raise InvalidData(f"{label}: patterns of shape {tuple(shape)} with scan_shape {[ny, nx]} could be "
+                          f"{list(fits[0])} or {list(fits[1])}; set pattern_axes in the metadata")
+    return DEFAULT_AXES[ndim]
+
+
+class Frames:
+    """Lazy ``(n_pos, ky, kx)`` view over a 3-D or 4-D array-like (h5py dataset, memmap, zarr or
+    dask array) whose axes are in any order.
+
+    ``reverse_axes`` reads an array stored with its axes reversed (MATLAB v7.3): ``axes`` then
+    names the axes in MATLAB's order. ``axes`` (``pattern_axes`` of the metadata) names each axis
+    of the array, from scan_y, scan_x, n_pos, ky, kx; the default is (scan_y, scan_x, ky, kx) or
+    (n_pos, ky, kx). Indexing with a slice along the first axis reads only those frames (a block
+    of scan rows for a 4-D array); this is what ``dask.array.from_array`` calls. A layout whose
+    scan axes are not the slowest reads with a stride (slower, still bounded in memory).
     """
 
-    def __init__(self, array, label: str, *, reverse_axes: bool = False):
+    def __init__(self, array, label: str, *, reverse_axes: bool = False, axes=None):
+        from ptycore.data.metadata import check_pattern_axes
+
         self._array = array
         self._reverse = reverse_axes
         self.label = label
         raw = tuple(int(s) for s in array.shape)
         shape = raw[::-1] if reverse_axes else raw
         if len(shape) not in (3, 4):
-            raise InvalidData(f"{label}: patterns must be (scan_y, scan_x, ky, kx) or (n_pos, ky, kx), "
-                              f"got an array of shape {shape}")
+            raise InvalidData(f"{label}: patterns must be (scan_y, scan_x, ky, kx) or (n_pos, ky, kx) (or another "
+                              f"order named by pattern_axes), got an array of shape {shape}")
+        axes = DEFAULT_AXES[len(shape)] if axes is None else tuple(axes)
+        try:
+            check_pattern_axes(axes)
+        except ValueError as err:
+            raise InvalidData(f"{label}: pattern_axes: {err}") from None
+        if len(axes) != len(shape):
+            raise InvalidData(f"{label}: pattern_axes {list(axes)} names {len(axes)} axes but the array has "
+                              f"{len(shape)} (shape {shape})")
+        self.axes = axes
         self.file_shape = shape
-        self.scan_shape = shape[:2] if len(shape) == 4 else None
-        n_pos = shape[0] * shape[1] if len(shape) == 4 else shape[0]
-        self.shape = (n_pos, shape[-2], shape[-1])
+        size = dict(zip(axes, shape, strict=True))
+        self.scan_shape = (size["scan_y"], size["scan_x"]) if "scan_y" in size else None
+        n_pos = size["scan_y"] * size["scan_x"] if "scan_y" in size else size["n_pos"]
+        self.shape = (n_pos, size["ky"], size["kx"])
         self.dtype = np.dtype(array.dtype)
         self.ndim = 3
         if self.dtype.kind not in "uif":
@@ -90,14 +135,21 @@ class Frames:
     def frame_nbytes(self) -> int:
         return self.shape[1] * self.shape[2] * self.dtype.itemsize
 
-    def _raw(self, key: tuple) -> np.ndarray:
+    def _raw(self, by_axis: dict[str, slice]) -> np.ndarray:
+        """Read the block selected per axis name and return it in (scan..., ky, kx) order."""
+        key = tuple(by_axis.get(a, slice(None)) for a in self.axes)
+        order = [self.axes.index(a) for a in DEFAULT_AXES[len(self.axes)]]
         try:
-            if self._reverse:
-                return np.asarray(self._array[key[::-1]]).transpose()
-            return np.asarray(self._array[key])
+            block = self._array[key[::-1]] if self._reverse else self._array[key]
+            if hasattr(block, "compute"):  # a dask array (rosettasciio's lazy readers)
+                block = block.compute(scheduler="synchronous")
+            block = np.asarray(block)
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise InvalidData(f"{self.label}: cannot read the patterns ({_first_line(err)}); "
                               "is the file truncated or its compression filter unavailable?") from None
+        if self._reverse:
+            block = block.transpose()
+        return block.transpose(order) if order != sorted(order) else block
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start`` to ``stop - 1`` as an array ``(stop - start, ky, kx)`` of the file's dtype."""
@@ -105,15 +157,14 @@ class Frames:
         start, stop = max(0, start), min(n, stop)
         if stop <= start:
             return np.empty((0, ky, kx), self.dtype)
-        full = slice(None)
         if self.scan_shape is None:
-            return self._raw((slice(start, stop), full, full))
+            return self._raw({"n_pos": slice(start, stop)})
         nx = self.scan_shape[1]
         y0, x0 = divmod(start, nx)
         y1, x1 = divmod(stop - 1, nx)
         if y0 == y1:
-            return self._raw((slice(y0, y0 + 1), slice(x0, x1 + 1), full, full)).reshape(-1, ky, kx)
-        rows = self._raw((slice(y0, y1 + 1), full, full, full)).reshape(-1, ky, kx)
+            return self._raw({"scan_y": slice(y0, y0 + 1), "scan_x": slice(x0, x1 + 1)}).reshape(-1, ky, kx)
+        rows = self._raw({"scan_y": slice(y0, y1 + 1)}).reshape(-1, ky, kx)
         return rows[x0 : x0 + (stop - start)]
 
     def __getitem__(self, key) -> np.ndarray:
@@ -141,6 +192,16 @@ class PatternSource:
     format: str
     frames: Frames
     _close: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: acquisition values from the file header (metadata keys and units), and where they were read
+    header: dict = field(default_factory=dict)
+    header_source: str | None = None
+    #: the detector's own mask (ky, kx) as read, True = good pixel, and where it came from
+    mask: np.ndarray | None = None
+    mask_source: str | None = None
+    #: other files the patterns were read from (checksummed in the provenance)
+    inputs: list[Path] = field(default_factory=list)
+    #: the reader knows the axis order (only an explicit pattern_axes changes it)
+    fixed_axes: bool = False
 
     @property
     def label(self) -> str:
@@ -205,7 +266,7 @@ def _open_hdf5(path: Path, dataset: str | None, *, matlab: bool = False) -> Patt
     except BaseException:
         f.close()
         raise
-    return PatternSource(path, name, "matlab-v7.3" if matlab else "hdf5", frames, f.close)
+    return PatternSource(path, name, "matlab-v7.3" if matlab else "hdf5", frames, _close=f.close)
 
 
 # ---------------------------------------------------------------- numpy
@@ -318,31 +379,50 @@ def _open_zarr(path: Path, dataset: str | None) -> PatternSource:
     return PatternSource(path, name, "zarr", Frames(array, f"{path}:{name}"))
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, dataset: str | None = None) -> str:
+    from ptycore.data import formats
+
     suffix = path.suffix.lower()
     if path.is_dir():
         return "zarr"
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
-    if suffix in {".npy", ".npz", ".mat", ".raw", ".zarr"}:
+    if suffix in RSCIIO_SUFFIXES:
+        return RSCIIO_SUFFIXES[suffix]
+    if suffix == ".xml":
+        return "empad-xml"
+    if suffix == ".raw":
+        return "empad-xml" if dataset is None and formats.empad_xml_for(path) is not None else "raw"
+    if suffix in {".npy", ".npz", ".mat", ".zarr"}:
         return suffix[1:]
     import h5py
 
-    if h5py.is_hdf5(path):
+    if suffix in HDF5_SUFFIXES or h5py.is_hdf5(path):
+        if dataset is None and h5py.is_hdf5(path):
+            if formats.is_arina_master(path):
+                return "arina"
+            if formats.is_emd(path):
+                return "emd"
+        if suffix == ".emd" and dataset is None:
+            return "emd"
         return "hdf5"
     raise InvalidData(f"{path}: unknown pattern file format {suffix or '(no extension)'!r} (readable: {FORMATS})")
 
 
-def open_patterns(spec: str | Path, *, scan_shape: tuple[int, int] | None = None) -> PatternSource:
+def open_patterns(spec: str | Path, *, scan_shape: tuple[int, int] | None = None, pattern_axes=None,
+                  chip_edge_px: int | None = None) -> PatternSource:
     """Open ``FILE[:dataset-path]`` read-only and return a :class:`PatternSource`.
 
-    ``scan_shape`` (from the acquisition metadata) is needed for EMPAD files, whose frames carry
-    no shape. Raises :class:`InvalidData` naming the file (and dataset) on any problem.
+    ``scan_shape`` (from the acquisition metadata, may be None) is needed for EMPAD .raw files
+    without their xml, whose frames carry no shape, and to tell array layouts apart;
+    ``pattern_axes`` names the array's axes (see :class:`Frames`); ``chip_edge_px`` is the chip
+    boundary width flagged on a multi-chip Merlin. Raises :class:`InvalidData` naming the file
+    (and dataset) on any problem.
     """
+    from ptycore.data import formats
+
     path, dataset = parse_spec(spec)
     if not path.exists():
         raise InvalidData(f"{path}: pattern file not found")
-    fmt = detect_format(path)
+    fmt = detect_format(path, dataset)
     openers: dict[str, Any] = {
         "hdf5": lambda: _open_hdf5(path, dataset),
         "npy": lambda: _open_npy(path, dataset),
@@ -350,5 +430,29 @@ def open_patterns(spec: str | Path, *, scan_shape: tuple[int, int] | None = None
         "mat": lambda: _open_mat(path, dataset),
         "raw": lambda: _open_empad(path, dataset, scan_shape),
         "zarr": lambda: _open_zarr(path, dataset),
+        "empad-xml": lambda: formats.open_empad_xml(path if path.suffix.lower() == ".xml"
+                                                    else formats.empad_xml_for(path), dataset),
+        "merlin": lambda: formats.open_merlin(path, dataset, scan_shape, chip_edge_px),
+        "arina": lambda: formats.open_arina(path, dataset),
+        "emd": lambda: formats.open_rsciio_stack(path, dataset, "emd", "emd", "EMD"),
+        "dm": lambda: formats.open_rsciio_stack(path, dataset, "digitalmicrograph", "digitalmicrograph",
+                                                "Gatan DigitalMicrograph"),
+        "mrc": lambda: formats.open_rsciio_stack(path, dataset, "mrc", "mrc", "MRC"),
     }
-    return openers[fmt]()
+    source = openers[fmt]()
+    try:
+        _set_axes(source, scan_shape, pattern_axes)
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def _set_axes(source: PatternSource, scan_shape, pattern_axes) -> None:
+    """Re-read the array with the named axes, or the ones its shape shows (see :func:`infer_axes`)."""
+    frames = source.frames
+    if pattern_axes is None and source.fixed_axes:
+        return
+    axes = tuple(pattern_axes) if pattern_axes is not None else infer_axes(frames.file_shape, scan_shape, source.label)
+    if axes != frames.axes:
+        source.frames = Frames(frames._array, frames.label, reverse_axes=frames._reverse, axes=axes)
