@@ -206,23 +206,20 @@ def chip_gap_mask(shape: tuple[int, int], geometry: str, edge_px: int) -> np.nda
 
 
 def open_merlin(path: Path, dataset: str | None, scan_shape, chip_edge_px: int | None):
-    from rsciio.quantumdetector import MIBProperties, load_mib_data
+    from rsciio.quantumdetector import load_mib_data
 
     from ptycore.data.readers import Frames
 
     if dataset is not None:
         raise InvalidData(f"{path}: a Merlin .mib file holds one scan; drop ':{dataset}'")
-    props = MIBProperties()
-    try:
-        props.parse_file(str(path))
-        if props.head_size is None or props.dtype is None:
-            raise ValueError("header size or pixel depth not recognised")
-    except Exception as err:
-        raise InvalidData(f"{path}: not a Merlin .mib file ({_first_line(err)})") from None
-    if props.raw:
+    head = path.read_bytes()[:384].split(b",")
+    if len(head) < 8 or head[0][:2] != b"MQ":
+        raise InvalidData(f"{path}: not a Merlin .mib file (no MQ1 frame header at the start)")
+    if head[6] == b"R64":
         raise InvalidData(f"{path}: raw (R64) Merlin frames are not supported; save them as processed frames")
     nav = None if scan_shape is None else (int(scan_shape[1]), int(scan_shape[0]))
     signal = read_rsciio("quantumdetector", path, "Merlin .mib", navigation_shape=nav)
+    props = (signal.get("original_metadata") or {}).get("mib_properties") or {}
     header = header_from_signal(signal)
     hdr_path = path.with_suffix(".hdr")
     hdr = (signal.get("original_metadata") or {}).get("hdr_file") or {}
@@ -238,16 +235,15 @@ def open_merlin(path: Path, dataset: str | None, scan_shape, chip_edge_px: int |
     shape = tuple(int(s) for s in np.shape(signal["data"]))
     n_frames = int(np.prod(shape[:-2]))
     try:  # the frames as one memmap of the file's frame records (header + data): see the module docstring
-        data = load_mib_data(str(path), lazy=True, mmap_mode="r", navigation_shape=(n_frames,), mib_prop=props,
-                             return_mmap=True)
+        data = load_mib_data(str(path), lazy=True, mmap_mode="r", navigation_shape=(n_frames,), return_mmap=True)
     except Exception as err:
         raise InvalidData(f"{path}: cannot map the Merlin frames ({_first_line(err)})") from None
     data = data.reshape(shape)[..., ::-1, :]  # rows flipped as rosettasciio's file_reader shows them
     frames = Frames(data, str(path))
     _check_readable(frames, str(path))
     mask, mask_source = None, None
-    if props.assembly_size == "quad" or props.detector_geometry in ("2x2", "Nx1"):
-        geometry = props.detector_geometry or "2x2"
+    if props.get("assembly_size") == "quad" or props.get("detector_geometry") in ("2x2", "Nx1"):
+        geometry = props.get("detector_geometry") or "2x2"
         edge = DEFAULT_CHIP_EDGE_PX if chip_edge_px is None else chip_edge_px
         if all(s % MERLIN_CHIP_PX == 0 for s in shape[-2:]):
             mask = chip_gap_mask(shape[-2:], geometry, edge)[::-1, :].copy()

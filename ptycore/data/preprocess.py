@@ -36,6 +36,10 @@ The steps, always in this order (each one only when its key is set in the config
     ``ptycore init`` build the object frame of the whole scan for either half: the two half
     reconstructions and the whole one share one object frame (pixel [0, 0] at the same place).
 
+The detector mask (``detector_mask`` of data.zarr, all True when absent) goes through steps 5-8
+with the patterns and is written to ``prepared.zarr`` as ``detector_mask`` (True = good pixel);
+bad pixels are 0 in the prepared patterns. How each step transforms it: :mod:`ptycore.data.mask`.
+
 The detector must be square at the end (angular pixels are square: the metadata has one detector
 pixel size); ``detector_crop`` makes a non-square detector square. ``prepared.zarr`` has the
 layout of ``data.zarr`` plus attrs ``pixel_size_A`` (= wavelength / (N * detector pixel in rad)),
@@ -203,6 +207,7 @@ class Plan:
         self.input_pixel_mrad = float(attrs.get("detector_pixel_mrad", self.meta.detector_pixel_mrad_at(
             self.wavelength_A)))
         self.input_detector = tuple(int(s) for s in patterns_shape[1:])
+        self.good: np.ndarray | None = None  # the input detector mask, when it flags any pixel
         self._check()
 
     def _err(self, key: str, msg: str) -> InvalidArgument:
@@ -275,6 +280,8 @@ class Plan:
     # -------------------------------------------------------- per-block application
     def pointwise(self, block: np.ndarray) -> np.ndarray:
         c = self.config
+        if self.good is not None:
+            block = np.where(self.good, block, np.float32(0))  # bad pixels add nothing
         if c.background is not None:
             block = block - np.float32(c.background)
         if c.threshold is not None:
@@ -284,16 +291,44 @@ class Plan:
         return block
 
     def geometry(self, block: np.ndarray) -> np.ndarray:
+        from ptycore.data.mask import fill_bad
+
         c = self.config
+        good = self.good
         if c.detector_crop is not None:
             block = crop_detector(block, self.crop_start, c.detector_crop)
+            good = None if good is None else crop_detector(good, self.crop_start, c.detector_crop)
         if c.detector_bin is not None:
             block = bin_detector(block, c.detector_bin)
+            good = None if good is None else bin_mask_of(good, c.detector_bin)
         if c.detector_resample is not None:
+            if good is not None:
+                block = fill_bad(block, good)  # so the interpolation does not spread the zeros
             block = resample_detector(block, c.detector_resample)
+            if good is not None:
+                from ptycore.data.mask import resample_mask
+
+                good = resample_mask(good, c.detector_resample)
+                block = np.where(good, block, 0.0)
         if c.detector_pad is not None:
             block = pad_detector(block, c.detector_pad)
         return block
+
+    def mask(self) -> np.ndarray:
+        """The prepared detector mask (True = good; padded pixels were not measured: False)."""
+        from ptycore.data.mask import pad_mask, resample_mask
+
+        c = self.config
+        good = np.ones(self.input_detector, bool) if self.good is None else self.good
+        if c.detector_crop is not None:
+            good = crop_detector(good, self.crop_start, c.detector_crop)
+        if c.detector_bin is not None:
+            good = bin_mask_of(good, c.detector_bin)
+        if c.detector_resample is not None:
+            good = resample_mask(good, c.detector_resample)
+        if c.detector_pad is not None:
+            good = pad_mask(good, c.detector_pad)
+        return good
 
     def place_crop(self, mean_pattern: np.ndarray) -> None:
         """Find the disk centre and the crop window (raises if the window leaves the detector)."""
@@ -311,6 +346,12 @@ class Plan:
                                 f"{self.input_detector[1]} detector of {self.source}")
             start.append(s)
         self.crop_start = tuple(start)
+
+
+def bin_mask_of(good: np.ndarray, k: int) -> np.ndarray:
+    from ptycore.data.mask import bin_mask
+
+    return bin_mask(good, k)
 
 
 def _row_blocks(n_rows: int, rows_per_block: int):
@@ -347,6 +388,12 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
     patterns = group["patterns"]
     positions = np.asarray(group["positions_A"][...], np.float64)
     plan = Plan(config, attrs, patterns.shape, str(data), cfg_source, half_option=half is not None)
+    if "detector_mask" in group:
+        good = np.asarray(group["detector_mask"][...], bool)
+        if good.shape != plan.input_detector:
+            raise InvalidData(f"{data}: detector_mask {good.shape} does not match the patterns' detector "
+                              f"{plan.input_detector}")
+        plan.good = None if good.all() else good
     if positions.shape != (patterns.shape[0], 2):
         raise InvalidData(f"{data}: positions_A {positions.shape} does not match {patterns.shape[0]} patterns")
 
@@ -483,6 +530,9 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
             advance(1)
         out_mean /= h * w_out
         whole = " of the whole scan (before `half`)" if config.half is not None else ""
+        prepared_mask = plan.mask()
+        write_array(store, "detector_mask", prepared_mask, attrs={
+            "axes": "ky, kx (as the prepared patterns)", "meaning": "True = good pixel (measured and trusted)"})
         write_array(store, "positions_A", new_positions.astype(np.float32), attrs={
             "units": "Å", "axes": "n_pos (index iy * nx + ix), (y, x)",
             "frame": f"nominal scan: scan index (0, 0){whole} at (0, 0) Å; scan_origin_A gives it in the "
@@ -497,6 +547,7 @@ def preprocess(data: str | Path, config_path: str | Path | None, out: str | Path
             "pixel_size_A": plan.pixel_size_A,
             "scan_origin_A": scan_origin.tolist(),
             "bright_field_centre_px": list(centre) if centre else None,
+            "detector_mask_bad_pixels": int(prepared_mask.size - np.count_nonzero(prepared_mask)),
             "stats": {"mean_counts": float(out_mean.sum()), "expected_mean_counts": expected_counts * norm},
             "preprocess": steps,
         }
