@@ -300,7 +300,9 @@ class Plan:
             good = None if good is None else crop_detector(good, self.crop_start, c.detector_crop)
         if c.detector_bin is not None:
             block = bin_detector(block, c.detector_bin)
-            good = None if good is None else bin_mask_of(good, c.detector_bin)
+            if good is not None:
+                good = bin_mask_of(good, c.detector_bin)
+                block = np.where(good, block, 0)  # an incomplete block is no measurement
         if c.detector_resample is not None:
             if good is not None:
                 block = fill_bad(block, good)  # so the interpolation does not spread the zeros
