@@ -30,9 +30,10 @@ MRC                              ``.mrc`` frame stacks (n_pos, ky, kx) through r
 
 Native fast paths (measured in ``bench/readers.py``): rosettasciio's lazy readers return dask
 arrays; where a format is a fixed-size frame layout (Merlin, EMPAD) the frames are read from a
-plain numpy memmap instead, which reads a chunk of 256 frames about 3x faster than indexing the
-dask array (rosettasciio still parses the header). rosettasciio's Arina reader loads the whole
-scan into memory (no lazy mode), so Arina is read natively through h5py.
+plain numpy memmap instead (rosettasciio still parses the header): reading 4096 frames in chunks
+of 256, 2.9x faster for Merlin and 6.4x for EMPAD than indexing rosettasciio's dask array.
+rosettasciio's Arina reader loads the whole scan into memory (no lazy mode) and turns uint32 into
+uint16, so Arina is read natively through h5py.
 
 Every reader returns a :class:`~ptycore.data.readers.PatternSource` whose ``header`` holds the
 acquisition values found (keys of :class:`~ptycore.data.metadata.AcquisitionMetadata`, in its
@@ -227,7 +228,8 @@ def open_merlin(path: Path, dataset: str | None, scan_shape, chip_edge_px: int |
     header.pop("scan_shape", None)
     header.pop("scan_step_A", None)
     try:
-        per_line, total = int(hdr.get("Frames per Trigger (Number)", 0)), int(hdr.get("Frames in Acquisition (Number)", 0))
+        per_line = int(hdr.get("Frames per Trigger (Number)", 0))
+        total = int(hdr.get("Frames in Acquisition (Number)", 0))
     except ValueError:
         per_line, total = 0, 0
     if per_line > 1 and total >= per_line:
