@@ -1,7 +1,10 @@
 """Readers for raw 4D-STEM patterns: one lazy ``(n_pos, ky, kx)`` view over any supported file.
 
 ``--patterns FILE[:dataset-path]`` names the file and, where the file holds several arrays, which
-one. Supported formats (chosen by extension, or by content for an unknown extension):
+one. Formats are chosen by extension, or by content for HDF5 (an Arina master, an EMD / py4DSTEM
+file, or plain HDF5). The facility detector formats (Merlin ``.mib``, Gatan ``.dm3/.dm4``, EMPAD
+``.xml``/``.raw``, Dectris Arina, Velox / Berkeley EMD and py4DSTEM, MRC) are read through
+rosettasciio with their headers: see :mod:`ptycore.data.formats`. Here, the plain arrays:
 
 ========================  =====================================================================
 ``.h5 .hdf5 .hdf .nxs     HDF5 through h5py, with the hdf5plugin filters registered (bitshuffle/LZ4,
@@ -13,14 +16,18 @@ one. Supported formats (chosen by extension, or by content for an unknown extens
 ``.mat``                  MATLAB v7.3 (HDF5 inside) is read lazily with its axes reversed, so the
                           array has the shape MATLAB shows; v5 and older through scipy.io (the one
                           variable is loaded).
-``.raw``                  EMPAD: float32 frames of 128 x 130 pixels, the last two rows of each frame
-                          are metadata and are dropped; the number of frames must equal
-                          ``prod(scan_shape)`` from the acquisition metadata.
+``.raw``                  EMPAD without its xml: float32 frames of 128 x 130 pixels, the last two
+                          rows of each frame are metadata and are dropped; the number of frames
+                          must equal ``prod(scan_shape)`` from the acquisition metadata.
 ``.zarr`` (directory)     a zarr array, or an array inside a zarr group (v2 or v3).
 ========================  =====================================================================
 
-Arrays are ``(scan_y, scan_x, ky, kx)`` or ``(n_pos, ky, kx)``; the view flattens the scan
-(position index ``iy * nx + ix``) and reads only the frames asked for.
+Axis order: ``pattern_axes`` in the metadata names the array's axes (e.g. ``[ky, kx, n_pos]`` as
+fold_slice keeps ``dp``, ``[scan_y, scan_x, kx, ky]`` for a transposed detector; for a ``.mat``
+file in MATLAB's order). Without it, a plain array is ``(scan_y, scan_x, ky, kx)`` or
+``(n_pos, ky, kx)``, or detector-first ``(ky, kx, scan_y, scan_x)`` / ``(ky, kx, n_pos)`` where
+only that layout fits the scan shape; where both fit, ingest asks for ``pattern_axes``. The view
+flattens the scan (position index ``iy * nx + ix``) and reads only the frames asked for.
 """
 
 from __future__ import annotations
