@@ -1,7 +1,11 @@
 """Engine reference cases: a few iterations of every engine on a small multislice, mixed-state
 problem. ``tests/data/engine_reference.npz`` holds the arrays these cases gave before the
 parameter/problem seam was introduced (made by ``python tests/_reference_cases.py``, from
-commit 30e010a); ``test_engine_reference.py`` checks that the engines still give them."""
+commit 30e010a); ``test_engine_reference.py`` checks that the engines still give them.
+
+No total-variation term with Adam here: its smoothed |x| is steep where Adam has driven the
+differences to ~0, which amplifies float32 rounding ~1000x per step (measured: phase differences
+of 6e-3 rad after 6 iterations from identical starting gradients), so no reference can hold it."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ CASES = {
                      "probe": {"lr": 0.02, "start": 2}, "positions": {"lr": 0.01, "start": 3},
                      "tilts": {"optimizer": "sgd", "lr": 0.05, "start": 1, "stop": 5},
                      "slice_thickness": {"optimizer": "lbfgs", "lr": 0.05, "start": 2}},
-        "losses": {"single": 1.0, "pacbed": 0.3, "tv_z": {"schedule": "linear", "start": 0.0, "end": 0.1,
+        "losses": {"single": 1.0, "pacbed": 0.3, "l2": {"schedule": "linear", "start": 0.0, "end": 0.1,
                                                           "to_iter": 4}},
         "constraints": {"probe_orthogonalize": {"every": 2}, "object_amplitude_bounds": {"max": 1.0}},
     },
@@ -42,7 +46,7 @@ CASES = {
         "constraints": {"object_amplitude_bounds": {"max": 1.0}, "probe_orthogonalize": {"every": 1}},
     },
     "lsqml_poisson": {
-        "engine": "lsqml", "iterations": 4, "batch_size": 16, "noise_model": "poisson",
+        "engine": "lsqml", "iterations": 4, "batch_size": 16, "lsqml": {"noise_model": "poisson"},
         "optimize": {**_OBJECT, "probe": {"lr": 0.5}},
     },
 }

@@ -58,7 +58,7 @@ def test_forward_with_stored_waves_matches_physics(synthetic, engine):
     ctx = Context.build(synthetic.measurement, state.positions_A, shape[-2:])
     eng = make_engine(_stage(engine), ctx, synthetic.measurement, state, 0)
     idx = jnp.asarray([0, 5, 77])
-    ours = eng._forward(state, eng._transmission(state), eng._fixed(state), idx)["exit"]
+    ours = eng.problem.waves(state.probe, eng._transmission(state), eng.problem.sweep_constants(state), idx)["exit"]
     ref = exit_waves(ctx.optics, state.object_amplitude, state.object_phase, state.probe, state.positions_A[idx],
                      state.tilts_mrad[idx], state.slice_thickness_A)[:, 0]
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-3 * float(jnp.max(jnp.abs(ref))))
@@ -118,7 +118,9 @@ def test_probe_frozen_until_onset(synthetic):
 
 @pytest.mark.parametrize(("edit", "message"), [
     ({"optimize": {"object_phase": {"lr": 1.0}, "tilts": {"lr": 0.01}}}, "refines only"),
-    ({"noise_model": "poisson"}, "applies to the lsqml engine"),
+    ({"noise_model": "poisson"}, "noise_model is an engine option"),
+    ({"lsqml": {"noise_model": "poisson"}}, "options 'lsqml' belong to engine 'lsqml'"),
+    ({"epie": {"alpha": 1.0}}, r"epie\.alpha: unknown key"),
     ({"losses": {"single": 1.0, "sparse": 0.1}}, "fits the data only"),
 ])
 def test_projection_engine_plan_scope(edit, message):
@@ -194,7 +196,7 @@ def test_lsqml_poisson_beats_gaussian_at_low_dose(low_dose):
     a lower Poisson deviance. At 1e5 counts both reach > 0.98 (test_recovers_known_object and below)."""
     out = {}
     for model in ("gaussian", "poisson"):
-        stage = _stage("lsqml", noise_model=model, losses={"single": 1.0, "poisson": 1.0})
+        stage = _stage("lsqml", lsqml={"noise_model": model}, losses={"single": 1.0, "poisson": 1.0})
         state, record = run_stage(stage, 0, low_dose.flat_state(), low_dose.measurement, seed=0, plan_hash="t",
                                   workdir=None, progress=False)
         out[model] = (low_dose.phase_ssim(state.object_phase[0, 0]), record.history["poisson"][-1])
@@ -206,7 +208,7 @@ def test_lsqml_poisson_beats_gaussian_at_low_dose(low_dose):
 def test_lsqml_poisson_at_high_dose(synthetic):
     """The Poisson model does not stall where the flat start has no intensity but the data has
     counts (1e5 counts per pattern): achieved SSIM 0.995 in 5 iterations."""
-    stage = _stage("lsqml", noise_model="poisson", iterations=5)
+    stage = _stage("lsqml", lsqml={"noise_model": "poisson"}, iterations=5)
     state, _ = run_stage(stage, 0, synthetic.flat_state(), synthetic.measurement, seed=0, plan_hash="t",
                          workdir=None, progress=False)
     assert synthetic.phase_ssim(state.object_phase[0, 0]) > 0.98
