@@ -106,10 +106,7 @@ class ProjectionEngine(Engine):
 
     # ------------------------------------------------------------ the slice sweep (the problem's)
     def _forward(self, state: State, t, constants, idx):
-        fwd = self.problem.waves(state.probe, t, constants, idx)
-        fwd["incident"] = [fwd["incident"][0]] + [w * fwd["patches"][:, s, None]
-                                                  for s, w in enumerate(fwd["incident"][1:], start=1)]
-        return fwd
+        return self.problem.waves(state.probe, t, constants, idx)
 
     @staticmethod
     def _transmission(state: State):
