@@ -41,18 +41,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ptycore.errors import InvalidPlan
+from ptycore.recon.engines.registry import DATA_FIT_LOSSES, LOSSES, PARAMETERS, REGISTRY
 
-PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions", "tilts", "slice_thickness")
-LOSSES = ("single", "poisson", "anscombe", "pacbed", "sparse", "tv_xy", "tv_z", "surface_zero", "l2")
-ENGINES = ("gradient", "epie", "lsqml", "lm", "dgp")
-IMPLEMENTED_ENGINES = ("gradient", "epie", "lsqml")
-#: engines that update by projection: which parameters they refine, which losses they report
-PROJECTION_ENGINES = ("epie", "lsqml")
-PROJECTION_PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions")
-PROJECTION_LOSSES = ("single", "poisson", "anscombe", "pacbed")
+ENGINES = tuple(REGISTRY)
 
 
 class _Strict(BaseModel):
@@ -300,9 +303,9 @@ class Resample(_Strict):
         "Object pixel = pixel_size_A x N / detector_px")
 
 
-class Stage(_Strict):
+class _StageBase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    engine: Literal["gradient", "epie", "lsqml", "lm", "dgp"] = "gradient"
+    engine: str = Field(default="gradient", description="one of the registered engines (ptycore.recon.engines)")
     iterations: int = Field(ge=1, le=100000)
     batch_size: int = Field(default=32, ge=1)
     grouping: Literal["random", "compact", "sparse"] = "random"
@@ -312,9 +315,16 @@ class Stage(_Strict):
     constraints: Constraints = Field(default_factory=Constraints)
     checkpoint_every: int = Field(default=20, ge=1)
     validation_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="positions held out of updates")
-    noise_model: Literal["gaussian", "poisson"] | None = Field(
-        default=None, description="lsqml only: likelihood of the exit-wave update (default gaussian: amplitudes; "
-        "poisson: counts, better at low dose). The gradient engine's noise model is its data loss")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v):
+        if isinstance(v, dict) and "noise_model" in v:
+            engine = v.get("engine", "gradient")
+            hint = (f"put it under the engine: '{engine}: {{noise_model: ...}}'" if engine in ("lsqml", "lm")
+                    else "the gradient engine's noise model is its data loss (single or poisson)")
+            raise ValueError(f"noise_model is an engine option: {hint}")
+        return v
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -339,32 +349,55 @@ class Stage(_Strict):
         for key in v:
             if key not in LOSSES:
                 raise ValueError(f"unknown loss {key!r}{_hint(key, LOSSES)}")
-        if not any(k in v for k in ("single", "poisson", "anscombe")):
-            raise ValueError("needs a data-fit loss: one of single, poisson, anscombe")
+        if not any(k in v for k in DATA_FIT_LOSSES):
+            raise ValueError(f"needs a data-fit loss: one of {', '.join(DATA_FIT_LOSSES)}")
         return v
 
     @field_validator("engine")
     @classmethod
-    def _implemented(cls, v):
-        if v not in IMPLEMENTED_ENGINES:
-            raise ValueError(f"engine {v!r} is not available yet (available: {', '.join(IMPLEMENTED_ENGINES)})")
+    def _registered(cls, v):
+        if v not in REGISTRY:
+            raise ValueError(f"unknown engine {v!r}{_hint(v, list(REGISTRY))}")
         return v
 
     @model_validator(mode="after")
-    def _projection_engine_scope(self):
-        if self.noise_model is not None and self.engine != "lsqml":
-            hint = " (choose the data loss instead: single or poisson)" if self.engine == "gradient" else ""
-            raise ValueError(f"noise_model applies to the lsqml engine, not {self.engine!r}{hint}")
-        if self.engine in PROJECTION_ENGINES:
-            for key in self.optimize:
-                if key not in PROJECTION_PARAMETERS:
-                    raise ValueError(f"engine {self.engine!r} refines only {', '.join(PROJECTION_PARAMETERS)}, "
-                                     f"not {key!r} (use a gradient stage)")
-            for key in self.losses:
-                if key not in PROJECTION_LOSSES:
-                    raise ValueError(f"engine {self.engine!r} fits the data only; loss {key!r} needs a gradient "
-                                     f"stage (data losses are reported: {', '.join(PROJECTION_LOSSES)})")
+    def _engine_scope(self):
+        """What the registry says the engine can do: its parameters, losses and options."""
+        spec = REGISTRY[self.engine]
+        for other in REGISTRY:
+            if other != self.engine and getattr(self, other) is not None:
+                raise ValueError(f"options {other!r} belong to engine {other!r}, but this stage runs "
+                                 f"{self.engine!r}")
+        if getattr(self, self.engine) is None:  # the engine's defaults, written out in the resolved plan
+            setattr(self, self.engine, spec.options())
+        for key in self.optimize:
+            if key not in spec.parameters:
+                raise ValueError(f"engine {self.engine!r} refines only {', '.join(spec.parameters)}, not {key!r} "
+                                 "(use a gradient stage)")
+        for key in self.losses:
+            if key not in spec.losses:
+                raise ValueError(f"engine {self.engine!r} fits the data only; loss {key!r} needs a gradient "
+                                 f"stage (data losses are reported: {', '.join(spec.losses)})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_own_options(self, handler):
+        """The resolved stage names only its own engine's options (not a None for every other engine)."""
+        out = handler(self)
+        return {k: v for k, v in out.items() if not (k in REGISTRY and k != self.engine)}
+
+    @property
+    def options(self):
+        """This stage's engine options (the engine's options model; defaults when not given)."""
+        return getattr(self, self.engine)
+
+
+#: a stage: the fields above, plus one optional options field per registered engine, named after it
+Stage = create_model(
+    "Stage", __base__=_StageBase,
+    **{name: (spec.options | None, Field(default=None, description=f"options of the {name} engine"))
+       for name, spec in REGISTRY.items()},
+)
 
 
 class Plan(_Strict):

@@ -58,19 +58,37 @@ def exit_waves(optics: Optics, object_amplitude, object_phase, probe, positions_
     rest = jnp.moveaxis(rest, 0, 1)[:, :, :, None]  # (slices-1, batch, obj_modes, 1, ny, nx)
     # probe spectrum once per call, one inverse FFT per position and mode for the sub-pixel shift
     shifted = jnp.fft.ifft2(jnp.fft.fft2(probe)[None] * shift_ramp(window, frac)[:, None])  # (batch, modes, ny, nx)
-    wave = shifted[:, None] * first  # (batch, obj_modes, probe_modes, ny, nx)
+    wave = shifted[:, None]  # (batch, 1, probe_modes, ny, nx)
     tilts = jnp.asarray(tilts_mrad)
     tilts = tilts.astype(jnp.result_type(tilts, jnp.float32))  # float32 by default, float64 kept under x64
     kernel = fresnel_kernel(optics.grid, optics.wavelength_A, slice_thickness_A, tilts, optics.bandlimit)
     if kernel.ndim == 3:  # one tilt per position
         kernel = kernel[:, None, None]
+    return sweep(wave, first, rest, kernel)
+
+
+def sweep(wave, first, rest, kernel, *, keep_incident: bool = False, unroll: bool = False):
+    """The multislice sweep, the one copy every engine uses: ``wave`` (incident on the first
+    slice) times the first slice's transmission ``first``, then for each slice of ``rest``
+    ``(slices - 1, ...)``: Fresnel-propagate by ``kernel`` (FFT order) and multiply by it.
+
+    Transmissions are the object already cropped at each position and broadcast against the
+    wave (e.g. wave ``(batch, 1, probe_modes, ny, nx)``, ``first`` ``(batch, obj_modes, 1, ny, nx)``);
+    propagation is between slices, none after the last. Returns the exit wave, and with
+    ``keep_incident`` also the waves incident on slices 1 … slices-1 stacked ``(slices - 1, ...)``
+    (the wave incident on slice 0 is ``wave``), which projection engines back-propagate through.
+    ``unroll`` unrolls the scan over slices (the projection engines' choice: their per-slice
+    updates then fuse with the forward)."""
 
     def through_slice(wave, slice_transmission):
-        wave = jnp.fft.ifft2(jnp.fft.fft2(wave) * kernel) * slice_transmission
-        return wave, None
+        incident = jnp.fft.ifft2(jnp.fft.fft2(wave) * kernel)
+        return incident * slice_transmission, (incident if keep_incident else None)
 
-    wave, _ = lax.scan(through_slice, wave, rest)
-    return wave
+    if rest.shape[0] == 0:  # one slice
+        exit_wave, incident = wave * first, jnp.zeros((0,) + jnp.broadcast_shapes(wave.shape, first.shape), wave.dtype)
+    else:
+        exit_wave, incident = lax.scan(through_slice, wave * first, rest, unroll=unroll)
+    return (exit_wave, incident) if keep_incident else exit_wave
 
 
 def intensities(optics: Optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad, slice_thickness_A):
@@ -80,6 +98,12 @@ def intensities(optics: Optics, object_amplitude, object_phase, probe, positions
     equals the probe's total intensity (orthonormal FFT).
     """
     wave = exit_waves(optics, object_amplitude, object_phase, probe, positions_A, tilts_mrad, slice_thickness_A)
+    return far_field_intensities(wave)
+
+
+def far_field_intensities(wave):
+    """Detector intensities (batch, ky, kx) of exit waves (batch, obj_modes, probe_modes, ny, nx):
+    the orthonormal FFT, summed incoherently over the modes."""
     far_field = jnp.fft.fft2(wave, norm="ortho")
     # re^2 + im^2 rather than abs()^2: same value, a much cheaper gradient
     return jnp.sum(far_field.real**2 + far_field.imag**2, axis=(1, 2))

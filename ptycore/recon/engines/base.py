@@ -13,7 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.losses import DATA_LOSSES
+from ptycore.recon.problem import Problem
 from ptycore.recon.state import State
+
+
+def data_fit_name(losses) -> str:
+    """The stage's data-fit loss (the held-out positions are scored with it)."""
+    for name in ("single", "poisson", "anscombe"):
+        if name in losses:
+            return name
+    raise ValueError("no data-fit loss")
 
 
 class Engine:
@@ -28,16 +38,21 @@ class Engine:
         self.positions0 = np.asarray(state.positions_A)
         self.train_idx, self.val_idx = split_validation(measurement.n_positions, stage.validation_fraction, seed)
         self.batch_size = min(stage.batch_size, len(self.train_idx))
+        noise_model = getattr(stage.options, "noise_model", "amplitude")
+        self.problem = Problem(context.optics, losses=stage.losses, per_position_tilts=self.per_position_tilts,
+                               noise_model="poisson" if noise_model == "poisson" else "amplitude")
         self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
 
-    def summarise(self, state, measured, terms, val_batches, val_masks, fit):
-        """Inside the compiled iteration: batch-mean terms, the held-out loss (``fit`` on the
-        validation batches, if any) and the probe's relative mode powers."""
+    def summarise(self, state, measured, terms, val_batches, val_masks, fit=None):
+        """Inside the compiled iteration: batch-mean terms, the held-out loss (``fit``, by default
+        the stage's data-fit loss, on the validation batches, if any) and the probe's relative
+        mode powers."""
+        fit = fit or DATA_LOSSES[data_fit_name(self.stage.losses)]
         out = {k: jnp.mean(v) for k, v in terms.items()}
         if val_batches is not None:
             def val_step(_, batch):
                 idx, mask = batch
-                return None, fit(self._model(state, idx), measured[idx], mask)
+                return None, fit(self.problem.intensities(state, idx), measured[idx], mask)
 
             _, val = jax.lax.scan(val_step, None, (val_batches, val_masks))
             out["validation"] = jnp.mean(val)

@@ -41,17 +41,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ptycore.physics.multislice import transmission
-from ptycore.physics.propagation import fresnel_kernel
-from ptycore.physics.shifts import crop_patches, split_positions
-from ptycore.plan import PROJECTION_PARAMETERS
+from ptycore.physics.shifts import crop_patches
 from ptycore.recon.constraints import apply_constraints
 from ptycore.recon.engines.base import Engine
+from ptycore.recon.engines.registry import REGISTRY
 from ptycore.recon.losses import DATA_LOSSES, single
 from ptycore.recon.state import State
+
+PROJECTION_PARAMETERS = REGISTRY["epie"].parameters
 
 _EPS = 1e-12
 #: largest position change of one update, in pixels
@@ -94,11 +94,6 @@ class ProjectionEngine(Engine):
     :meth:`_update` (the back-propagation of ``chi`` into object and probe updates)."""
 
     def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
-        if state.object_phase.shape[0] != 1:
-            raise ValueError(f"engine {stage.engine!r} supports one object mode, got {state.object_phase.shape[0]}")
-        unsupported = [n for n in stage.optimize if n not in PROJECTION_PARAMETERS]
-        if unsupported:
-            raise ValueError(f"engine {stage.engine!r} cannot refine {', '.join(unsupported)}")
         self.data_losses = [n for n in stage.losses if n in DATA_LOSSES and n != "single"]
         super().__init__(stage, context, measurement, state, seed=seed, stage_index=stage_index)
 
@@ -109,57 +104,13 @@ class ProjectionEngine(Engine):
     def to_state(self, carry) -> State:
         return carry
 
-    # ------------------------------------------------------------ physics with stored waves
-    def _fixed(self, state: State):
-        """What stays fixed during one iteration, computed once before the loop over batches:
-        the Fresnel kernel (slice thickness and tilts are not refined here; one per position
-        with per-position tilts), and for every position its crop corner and its sub-pixel shift
-        ramp as two 1-D factors (a position moves only after its own batch's forward, so the
-        values at the start of the iteration are the ones its forward needs). Computing these
-        outside the compiled loop also keeps XLA from re-evaluating their sines and cosines
-        inside every product that broadcasts them over batch and modes (measured: the kernel
-        products then cost as much as the FFTs)."""
-        optics = self.ctx.optics
-        window = optics.grid.shape
-        top_left, frac = split_positions(state.positions_A, optics.grid.pixel_size_A, window)
-        ky = jnp.asarray(np.fft.fftfreq(window[0]), jnp.float32)
-        kx = jnp.asarray(np.fft.fftfreq(window[1]), jnp.float32)
-        tilts = jnp.asarray(state.tilts_mrad, jnp.float32)
-        return {
-            "top_left": top_left,
-            "ramp_y": jnp.exp(-2j * np.pi * frac[:, 0, None] * ky),  # (n_pos, ny)
-            "ramp_x": jnp.exp(-2j * np.pi * frac[:, 1, None] * kx),  # (n_pos, nx)
-            "kernel": fresnel_kernel(optics.grid, optics.wavelength_A, state.slice_thickness_A, tilts,
-                                     optics.bandlimit),
-        }
-
-    def _forward(self, state: State, t, fixed, idx):
-        """Waves incident on every slice, the exit wave and what the update needs; ``t`` is the
-        complex transmission (slices, Hy, Wx), ``fixed`` from :meth:`_fixed`."""
-        window = self.ctx.optics.grid.shape
-        top_left = fixed["top_left"][idx]
-        patches = crop_patches(t, top_left, window)  # (batch, slices, ny, nx)
-        ramp = fixed["ramp_y"][idx][:, :, None] * fixed["ramp_x"][idx][:, None, :]  # (batch, ny, nx)
-        probe = jnp.fft.ifft2(jnp.fft.fft2(state.probe)[None] * ramp[:, None])  # (batch, modes, ny, nx)
-        kernel = fixed["kernel"]
-        if kernel.ndim == 3:  # one tilt per position
-            kernel = kernel[idx][:, None]
-        incident = [probe]
-        wave = probe * patches[:, 0, None]
-        for s in range(1, t.shape[0]):
-            wave = jnp.fft.ifft2(jnp.fft.fft2(wave) * kernel) * patches[:, s, None]
-            incident.append(wave)
-        return {"top_left": top_left, "ramp": ramp, "patches": patches, "incident": incident, "exit": wave,
-                "kernel": kernel, "transmission": t}
+    # ------------------------------------------------------------ the slice sweep (the problem's)
+    def _forward(self, state: State, t, constants, idx):
+        return self.problem.waves(state.probe, t, constants, idx)
 
     @staticmethod
     def _transmission(state: State):
         return transmission(state.object_amplitude, state.object_phase)[0]
-
-    def _model(self, state: State, idx):
-        fwd = self._forward(state, self._transmission(state), self._fixed(state), idx)
-        far = jnp.fft.fft2(fwd["exit"], norm="ortho")
-        return _sum_modes(far.real**2 + far.imag**2)
 
     def _project(self, fwd, measured, mask):
         """Exit-wave correction ``chi`` (batch, modes, ny, nx) and the model intensities: the far
@@ -256,7 +207,7 @@ class ProjectionEngine(Engine):
 
     # ------------------------------------------------------------ the compiled iteration
     def _iteration_impl(self, state, measured, batches, masks, val_batches, val_masks, hyper):
-        fixed = self._fixed(state)
+        fixed = self.problem.sweep_constants(state)
 
         def step(carry, batch):
             state, t = carry  # the transmission is carried: computed once per batch, on the object

@@ -93,7 +93,7 @@ class LSQMLEngine(ProjectionEngine):
     """Batched LSQML with a Gaussian or Poisson noise model (see the module docstring)."""
 
     def _far_field_factor(self, model, measured):
-        if self.stage.noise_model == "poisson":
+        if self.stage.options.noise_model == "poisson":
             return poisson_far_field_factor(model, measured)
         return super()._far_field_factor(model, measured)
 
