@@ -185,13 +185,28 @@ def test_profiles():
 
 
 # ---------------------------------------------------------------- the real DAG
+LOST_META = """energy_kv: 300
+convergence_mrad: 20
+scan_shape: [8, 8]
+scan_step_A: [0.7, 0.7]
+detector_pixel_mrad: 2.0
+"""
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The tiny config run to the end with profiles/local: 'tiny' completes, 'tiny-bad' fails."""
+    """The tiny config run to the end with profiles/local: 'tiny' completes, 'tiny-bad' fails at
+    simulate, and 'lost', a measured dataset whose patterns file does not exist, fails at ingest."""
     if missing_verbs():
         pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
     workdir = tmp_path_factory.mktemp("workflow")
-    proc = snakemake(workdir, "--profile", str(ROOT / "profiles" / "local"), "--cores", "2")
+    (workdir / "raw").mkdir()
+    (workdir / "raw" / "scan-0412.yaml").write_text(LOST_META)
+    lost = {"name": "lost", "patterns": str(workdir / "raw" / "scan-0412.h5:entry/data"),
+            "metadata": str(workdir / "raw" / "scan-0412.yaml")}
+    datasets = yaml.safe_load(TEST_CONFIG.read_text())["datasets"] + [lost]
+    config = write_config(workdir / "config.yaml", datasets=datasets)
+    proc = snakemake(workdir, "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", configfile=config)
     return workdir, proc
 
 
@@ -204,6 +219,8 @@ def test_bad_dataset_fails_only_its_own_branch(finished_run):
     for stage in ("coarse", "fine"):
         store = zarr.open_group(str(results / "tiny" / "tiny" / "stages" / f"{stage}.zarr"), mode="r")
         assert store.attrs["provenance"]["stages_run"] == [stage]
+        # the rule passes --resume; with no checkpoint to resume from, the stage ran from iteration 0
+        assert store.attrs["provenance"]["stage_timings"][stage]["resumed_from"] is None
         assert np.isfinite(np.asarray(store["object_phase"])).all()
     metrics = json.loads((results / "tiny" / "tiny" / "eval" / "metrics.json").read_text())
     assert metrics, "metrics.json is empty"
@@ -215,6 +232,11 @@ def test_bad_dataset_fails_only_its_own_branch(finished_run):
     assert not (results / "tiny-bad" / "simulated").exists()
     log = (results / "logs" / "tiny-bad" / "simulate.log").read_text()
     assert "ptycore simulate: error: --dose" in log
+    # a patterns file that does not exist stops only its own dataset, at its ingest job
+    assert "MissingInputException" not in proc.output
+    assert not (results / "lost" / "data.zarr").exists()
+    log = (results / "logs" / "lost" / "ingest.log").read_text()
+    assert f"ptycore ingest: error: {workdir}/raw/scan-0412.h5: pattern file not found" in log, log
     # logs and benchmarks of every step of the good dataset
     for step in ("simulate", "ingest", "preprocess", "init"):
         assert (results / "logs" / "tiny" / f"{step}.log").exists()
@@ -229,17 +251,27 @@ def test_aggregate_names_the_failed_dataset_and_its_error(finished_run):
     workdir, proc = finished_run
     results = workdir / "results"
     failures = json.loads((results / "logs" / "aggregate-failures.json").read_text())
-    assert [(f["dataset"], f["plan"], f["step"]) for f in failures] == [("tiny-bad", "tiny", "simulate")]
+    assert [(f["dataset"], f["plan"], f["step"]) for f in failures] == [("tiny-bad", "tiny", "simulate"),
+                                                                        ("lost", "tiny", "ingest")]
     assert failures[0]["error"].startswith("ptycore simulate: error: --dose")
     assert failures[0]["log"] == "results/logs/tiny-bad/simulate.log"
+    assert failures[1]["error"] == f"ptycore ingest: error: {workdir}/raw/scan-0412.h5: pattern file not found"
+    assert failures[1]["log"] == "results/logs/lost/ingest.log"
     assert "FAILED tiny-bad / tiny at simulate: ptycore simulate: error: --dose" in proc.output
+    assert "FAILED lost / tiny at ingest: ptycore ingest: error: " in proc.output
     # the aggregate itself was built from what completed, and names the failure
     aggregate = results / "aggregate"
     assert aggregate.is_dir()
     text = "\n".join(p.read_text(errors="replace") for p in aggregate.rglob("*")
                      if p.is_file() and p.suffix in (".html", ".json", ".csv", ".md", ".txt", ".tsv"))
     assert "tiny-bad" in text and "--dose" in text
+    assert "lost" in text and "pattern file not found" in text
     assert "tiny" in text
+    # built aside and swapped in: nothing half-built or old left beside it
+    assert sorted(p.name for p in results.iterdir() if p.name.startswith(".")) == []
+    # the aggregate's rebuild stamp is newer than the aggregate: the next run rebuilds it as a job
+    stamp = results / "logs" / "aggregate-rebuild.stamp"
+    assert stamp.stat().st_mtime > aggregate.stat().st_mtime
     # what `make demo` prints at the end
     from ptycore.demo import summary
 
