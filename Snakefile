@@ -11,7 +11,8 @@
 # reconstructed from each half of its scan (results/NAME~half1/, results/NAME~half2/: the even and
 # the odd scan columns) and evaluate reports the Fourier ring correlation of the two halves.
 #
-# Each rule is a thin call of one `ptycore` verb; outputs are zarr stores under
+# Each rule is a thin call of one `ptycore` verb; the logic (datasets, the step table and output
+# layout, studies, failures, the run lock) is in ptycore/pipeline/. Outputs are zarr stores under
 # results/{dataset}/{plan}/..., logs (the verb's stdout and stderr) under results/logs/,
 # benchmarks under results/benchmarks/.
 

@@ -176,6 +176,7 @@ def test_profiles():
     real = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     assert real["executor"] == "slurm"
     assert real["rerun-incomplete"] is True and real["keep-going"] is True and real["retries"] >= 1
+    assert real["slurm-requeue"] is True  # preempted jobs are requeued, and reconstruct resumes (--resume)
     assert real["slurm-status-command"] == "squeue" and real["latency-wait"] >= 30
     assert not set(real) & {"default-resources", "set-resources"}, "account/partitions come from config or env"
     assert (ROOT / "profiles" / "local" / "config.yaml").exists()
@@ -325,3 +326,100 @@ def test_nightly_script_dry_run(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "previous nightly run still going" in proc.stdout
+
+
+# ---------------------------------------------------------------- nightly runs, kills and retries
+def nightly_env(tmp_path: Path) -> dict:
+    return dict(os.environ, PTYCORE_PROFILE=str(ROOT / "profiles" / "local"),
+                PTYCORE_NIGHTLY_LOCK=str(tmp_path / "nightly.lock"), MPLBACKEND="Agg",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def nightly(tmp_path: Path, workdir: Path, config: Path, *args: str, timeout: float = 1200):
+    cmd = [str(ROOT / "workflow" / "scripts" / "nightly.sh"), "--directory", str(workdir), "--configfile", str(config),
+           *args]
+    proc = subprocess.run(cmd, env=nightly_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def start_snakemake(workdir: Path, config: Path, *args: str) -> subprocess.Popen:
+    """A manual run in the background, in its own process group (so that it can be killed whole)."""
+    env = dict(os.environ, MPLBACKEND="Agg", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config), "--profile", str(ROOT / "profiles" / "local"), "--cores", "1", *args]
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, limit_s: float = 600):
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"no {what} after {limit_s} s"
+        time.sleep(0.05)
+
+
+def snakemake_locks(workdir: Path) -> list[str]:
+    locks = workdir / ".snakemake" / "locks"
+    return sorted(p.name for p in locks.iterdir()) if locks.is_dir() else []
+
+
+@pytest.mark.slow
+def test_nightly_never_unlocks_a_live_manual_run(tmp_path):
+    """Failure 6: the nightly run cleared snakemake's lock unconditionally, so a manual run and the
+    nightly run went together and deleted each other's outputs."""
+    if missing_verbs():
+        pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    datasets = [d for d in yaml.safe_load(TEST_CONFIG.read_text())["datasets"] if d["name"] == "tiny"]
+    config = write_config(tmp_path / "config.yaml", datasets=datasets)
+    manual = start_snakemake(workdir, config, "results/tiny/simulated")
+    try:
+        wait_for(lambda: snakemake_locks(workdir), manual, "snakemake lock")
+        locks = snakemake_locks(workdir)
+        proc = nightly(tmp_path, workdir, config)
+        assert proc.returncode == 0, proc.output
+        assert "a pipeline run is going in" in proc.output and "skipping tonight" in proc.output, proc.output
+        assert manual.poll() is None, "the manual run should still be going (make its job longer)"
+        assert snakemake_locks(workdir) == locks  # its lock is untouched
+    finally:
+        out, _ = manual.communicate(timeout=600)
+    assert manual.returncode == 0, out
+    assert (workdir / "results" / "tiny" / "simulated" / "patterns.h5").is_file()
+
+
+@pytest.mark.slow
+def test_killed_reconstruct_resumes_from_its_checkpoint_when_the_nightly_run_retries_it(finished_run, tmp_path):
+    """Failures 1 and 9, and a stale lock: a reconstruct job killed half-way (as Slurm kills a job at
+    preemption) leaves its checkpoint and snakemake's lock; the real nightly command (no -n) clears
+    the stale lock, reruns the incomplete job, which continues from the checkpoint, and finishes the DAG."""
+    workdir, _ = finished_run
+    plan = yaml.safe_load((ROOT / "config" / "test" / "plans" / "tiny.yaml").read_text())
+    plan["name"] = "long"
+    plan["stages"] = [dict(plan["stages"][0], name="main", iterations=200, checkpoint_every=5)]
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(plan))
+    datasets = [d for d in yaml.safe_load(TEST_CONFIG.read_text())["datasets"] if d["name"] == "tiny"]
+    config = write_config(tmp_path / "config.yaml", datasets=datasets, plans=[str(tmp_path / "long.yaml")])
+    store = workdir / "results" / "tiny" / "long" / "stages" / "main.zarr"
+    checkpoint = store.with_name("main.zarr.partial") / "checkpoints" / "main.npz"
+    run = start_snakemake(workdir, config, str(store.relative_to(workdir)))
+    wait_for(checkpoint.exists, run, "checkpoint")
+    os.killpg(run.pid, 9)
+    run.wait()
+    assert not store.exists() and checkpoint.exists() and snakemake_locks(workdir), "nothing left to resume"
+
+    proc = nightly(tmp_path, workdir, config)
+    assert proc.returncode == 0, proc.output
+    assert not snakemake_locks(workdir)
+    timings = zarr.open_group(str(store), mode="r").attrs["provenance"]["stage_timings"]["main"]
+    assert timings["resumed_from"] is not None and timings["resumed_from"] >= 5, timings
+    history = zarr.open_group(str(store), mode="r")["history/s_per_iter"]
+    assert history.shape[0] == 200  # the iterations before the kill (from the checkpoint) and after
+    assert (workdir / "results" / "tiny" / "long" / "eval" / "metrics.json").is_file()
+    assert (workdir / "results" / "aggregate" / "report.html").is_file()
+    # the next night: nothing to do
+    proc = nightly(tmp_path, workdir, config)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.output, proc.output

@@ -98,6 +98,14 @@ def write_rebuild_stamp(name: str) -> Path:
     return stamp
 
 
+def rebuild_stamp_input(name: str) -> list[str]:
+    """The aggregate rule's stamp input: the stamp once the failure hook has written one, else none
+    (a stamp that appears changes the rule's input set and is newer than the aggregate; once there,
+    it stays, so an aggregate rebuilt by its rule is up to date with it)."""
+    stamp = layout.rebuild_stamp_path(name)
+    return [stamp] if Path(stamp).exists() else []
+
+
 def wanted_aggregates(pipeline, target_rules: set[str]) -> list[str]:
     """The aggregates a run with these target rules asked for (by name, see ``Pipeline.aggregates``)."""
     names = pipeline.aggregates()

@@ -131,8 +131,9 @@ class Pipeline:
         pairs = []
         for run in runs:
             plan = run.plan_name(name)
-            self.plans[plan] = Plan(plan, layout.study_plan_path(name, plan), [str(s["name"]) for s in run.plan["stages"]],
-                                    study=name, text=files[f"plans/{plan}.yaml"])
+            stages = [str(s["name"]) for s in run.plan["stages"]]
+            self.plans[plan] = Plan(plan, layout.study_plan_path(name, plan), stages, study=name,
+                                    text=files[f"plans/{plan}.yaml"])
             pairs += [(d, plan) for d in run.datasets]
         self.studies[name] = Study(name, path, pairs, files["aggregate.yaml"], runs)
 

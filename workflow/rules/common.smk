@@ -122,7 +122,9 @@ def halves_option(wildcards, input):
 def rebuild_stamp(name):
     """The aggregate's rebuild stamp as an input, once the failure hook has written one
     (ptycore.pipeline.failures): newer than the aggregate it built, so the next run rebuilds it."""
-    return _one_line(lambda wc: [p for p in [layout.rebuild_stamp_path(name.format(**dict(wc.items())))] if Path(p).exists()])
+    from ptycore.pipeline.failures import rebuild_stamp_input
+
+    return lambda wc: rebuild_stamp_input(name.format(**dict(wc.items())))
 
 
 def write_derived(path, text, log):
