@@ -49,9 +49,10 @@ DATASETS = PIPE.datasets
 # Every run holds the run lock of its working directory while it lives, so that the nightly run
 # clears snakemake's lock only when no run is alive (ptycore/pipeline/lock.py).
 if workflow.is_main_process:
-    from ptycore.pipeline.lock import RunLockBusy, hold_run_lock
+    from ptycore.pipeline.lock import RunLockBusy, check_unlock, hold_run_lock
 
     try:
+        check_unlock(sys.argv)
         hold_run_lock(".")
     except RunLockBusy as _err:
         raise WorkflowError(str(_err)) from None

@@ -28,7 +28,15 @@ from ptycore.pipeline.failures import (
     replace_dir,
     wanted_aggregates,
 )
-from ptycore.pipeline.lock import HELD_ENV, exclusive_run_lock, hold_run_lock, run_alive, run_lock_path
+from ptycore.pipeline.lock import (
+    HELD_ENV,
+    RunLockBusy,
+    check_unlock,
+    exclusive_run_lock,
+    hold_run_lock,
+    run_alive,
+    run_lock_path,
+)
 from ptycore.pipeline.model import Pipeline
 from ptycore.pipeline.nightly import snakemake_command, working_directory
 
@@ -304,6 +312,15 @@ def test_runs_share_the_lock_and_a_child_of_the_holder_skips_it(tmp_path, live_r
     assert hold_run_lock(tmp_path, wait_s=0) == run_lock_path(tmp_path)  # two runs together: fine
     monkeypatch.setenv(HELD_ENV, str(run_lock_path(tmp_path).resolve()))
     assert hold_run_lock(tmp_path, wait_s=0) is None
+
+
+def test_a_manual_unlock_of_a_live_run_is_refused(tmp_path, live_run):
+    with pytest.raises(RunLockBusy, match="a pipeline run is alive in .*not unlocking it"):
+        check_unlock(["snakemake", "--unlock"], tmp_path)
+    check_unlock(["snakemake", "-n"], tmp_path)
+    live_run.kill()
+    live_run.wait()
+    check_unlock(["snakemake", "--unlock"], tmp_path)  # a dead run's lock is stale: clearing it is fine
 
 
 # ---------------------------------------------------------------- nightly

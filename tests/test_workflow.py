@@ -120,6 +120,16 @@ def test_default_config_runs_the_default_plan_on_two_simulated_datasets(tmp_path
                                        "figures_aggregate": 1, "all": 1, "figures": 1}
 
 
+def test_a_datasets_own_plans_apply_to_it_alone(tmp_path):
+    """Failure 4: one dataset's plans: list was run on every dataset."""
+    datasets = yaml.safe_load(TEST_CONFIG.read_text())["datasets"]
+    datasets[0]["plans"] = ["config/test/plans/tiny-single.yaml"]  # tiny; tiny-bad keeps the top-level plans
+    proc = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path / "own.yaml", datasets=datasets))
+    assert proc.returncode == 0, proc.output
+    evaluated = sorted(set(re.findall(r"--out (results/[^ ]+/eval)", proc.output)))
+    assert evaluated == ["results/tiny-bad/tiny/eval", "results/tiny/tiny-single/eval"], evaluated
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"dataset": []}, "invalid config: (top level): Additional properties are not allowed ('dataset' was unexpected)"),
     ({"datasets": [{"name": "scan1", "patterns": "scan1.h5"}]},

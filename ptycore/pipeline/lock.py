@@ -82,6 +82,16 @@ def exclusive_run_lock(workdir: str | Path = ".") -> Iterator[bool]:
         fh.close()
 
 
+def check_unlock(argv: list[str], workdir: str | Path = ".") -> None:
+    """Refuse ``snakemake --unlock`` (in ``argv``) while a pipeline run is alive in ``workdir``: it
+    would take that run's lock away (the nightly run's own --unlock, under its exclusive hold, passes)."""
+    if "--unlock" not in argv or os.environ.get(HELD_ENV):
+        return
+    if run_alive(workdir):
+        raise RunLockBusy(f"a pipeline run is alive in {Path(workdir).resolve()} (it holds {run_lock_path(workdir)}); "
+                          f"not unlocking it (its lock is not stale)")
+
+
 def run_alive(workdir: str | Path = ".") -> bool:
     """Whether a pipeline run (a process holding the run lock) is alive in ``workdir`` now."""
     with exclusive_run_lock(workdir) as free:
