@@ -11,7 +11,8 @@
 # reconstructed from each half of its scan (results/NAME~half1/, results/NAME~half2/: the even and
 # the odd scan columns) and evaluate reports the Fourier ring correlation of the two halves.
 #
-# Each rule is a thin call of one `ptycore` verb; outputs are zarr stores under
+# Each rule is a thin call of one `ptycore` verb; the logic (datasets, the step table and output
+# layout, studies, failures, the run lock) is in ptycore/pipeline/. Outputs are zarr stores under
 # results/{dataset}/{plan}/..., logs (the verb's stdout and stderr) under results/logs/,
 # benchmarks under results/benchmarks/.
 
@@ -36,15 +37,25 @@ except WorkflowError as _err:
     raise WorkflowError(f"invalid config: {readable_config_error(_cause)}") from None
 
 
+from ptycore.pipeline.model import Pipeline
+
 try:
-    DATASETS = collect_datasets(config)
-    PLANS = collect_plans(
-        list(dict.fromkeys(config["plans"] + [p for d in DATASETS.values() for p in d.get("plans", [])]))
-    )
-    STUDIES = collect_studies(config["studies"], PLANS, DATASETS)
-    check_frc(config, PLANS)
-except ValueError as _err:
+    PIPE = Pipeline(config, basedir=workflow.basedir)
+except PtycoreError as _err:
     raise WorkflowError(f"invalid config: {_err}") from None
+DATASETS = PIPE.datasets
+
+
+# Every run holds the run lock of its working directory while it lives, so that the nightly run
+# clears snakemake's lock only when no run is alive (ptycore/pipeline/lock.py).
+if workflow.is_main_process:
+    from ptycore.pipeline.lock import RunLockBusy, check_unlock, hold_run_lock
+
+    try:
+        check_unlock(sys.argv)
+        hold_run_lock(".")
+    except RunLockBusy as _err:
+        raise WorkflowError(str(_err)) from None
 
 
 wildcard_constraints:
@@ -63,30 +74,37 @@ localrules:
     all,
     evaluations,
     figures,
+    study_plan,
+    study_spec,
 
 
-# --keep-going: a failed dataset stops only its own branch; the aggregate is then built from the
-# evaluations that exist and lists the failures (results/logs/aggregate-failures.json).
+# --keep-going: a failed dataset stops only its own branch, so snakemake never runs the aggregate;
+# this hook builds it from the evaluations that exist, listing the failures
+# (results/logs/aggregate-failures.json), and marks it for rebuilding by the next run.
 onerror:
-    aggregate_despite_failures()
+    from ptycore.pipeline.failures import aggregate_despite_failures
+
+    aggregate_despite_failures(PIPE, {job.rule.name for job in workflow.dag.targetjobs})
 
 
 onsuccess:
-    clear_stale_failures()
+    from ptycore.pipeline.failures import clear_stale_failures
+
+    clear_stale_failures(PIPE)
 
 
 rule all:
     """Every dataset × plan reconstructed and evaluated, aggregated into results/aggregate."""
     default_target: True
     input:
-        f"{RESULTS}/aggregate",
-        [store for dataset in DATASETS for store in dataset_stores(dataset)],
+        layout.AGGREGATE,
+        PIPE.all_stores(),
 
 
 rule evaluations:
     """Every dataset × plan evaluated, without the aggregate."""
     input:
-        [store for dataset in DATASETS for store in dataset_stores(dataset)],
+        PIPE.all_stores(),
 
 
 rule figures:
@@ -94,7 +112,7 @@ rule figures:
     datasets for the plans in config figures.plans, default all; none for []) and, for each study
     in config studies, results/figures/NAME/ (table.csv, study_<metric>.png, report.html)."""
     input:
-        figure_targets(),
+        PIPE.figure_targets(),
 
 
 # one target per dataset: `snakemake dataset_NAME` runs that dataset through every plan
@@ -104,7 +122,7 @@ for _name in DATASETS:
         name:
             f"dataset_{_name}"
         input:
-            dataset_stores(_name),
+            PIPE.dataset_stores(_name),
 
 
 include: "workflow/rules/data.smk"

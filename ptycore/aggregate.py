@@ -9,8 +9,9 @@ Inputs
   (what the Snakemake workflow writes for runs that stopped early);
   ``--failed-logs LOG ...``: log files of failed steps; the dataset (and plan) come from the
   path below a ``logs`` directory (``logs/<dataset>[/<plan>]/<step>.log``), else the file's stem,
-  and the error from the log's first line containing "error" (any case), else its last
-  non-empty line;
+  and the error from the log by :func:`ptycore.errors.first_error_line` (the verb's
+  ``ptycore VERB: error: ...`` line, else a traceback's last line, else the first line
+  mentioning an error, else the last non-empty line);
 * an evaluation directory that is missing, has no ``metrics.json`` or an unreadable one is a
   failed run as well (named from its path ``.../<dataset>/<plan>/eval``), with the error of a
   matching failure record or log if there is one;
@@ -56,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptycore.errors import InvalidArgument, InvalidData
+from ptycore.errors import InvalidArgument, InvalidData, first_error_line
 from ptycore.store import atomic_output, create_store, now_iso, refuse_existing, write_array
 
 ID_COLUMNS = ["dataset", "plan", "status", "step", "error", "eval_dir", "report"]
@@ -89,18 +90,6 @@ def names_from_eval_path(path: Path) -> tuple[str, str | None]:
     if path.name == "eval" and len(path.parts) >= 3:
         return path.parent.parent.name, path.parent.name
     return path.name, None
-
-
-def first_error_line(log: Path) -> str | None:
-    try:
-        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines()]
-    except OSError:
-        return None
-    for line in lines:
-        if "error" in line.lower():
-            return line
-    lines = [line for line in lines if line]
-    return lines[-1] if lines else None
 
 
 def failure_from_log(log: Path) -> dict:

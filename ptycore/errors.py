@@ -27,3 +27,31 @@ class Diverged(PtycoreError):
 
 class MissingDependency(PtycoreError):
     """An optional extra (e.g. 'sim' for abTEM) is needed but not installed."""
+
+
+# ---------------------------------------------------------------- reading errors back from logs
+#: the one line the CLI prints for a PtycoreError (ptycore/cli.py)
+ERROR_LINE_PREFIX = r"ptycore [a-z]+: error: "
+
+
+def first_error_line(log) -> str | None:
+    """The error a failed step's log reports, in one line (None for a missing or empty log):
+    the first ``ptycore VERB: error: ...`` line a verb prints; else, after a Python traceback,
+    its last line (the exception); else the first line that mentions an error (any case);
+    else the log's last non-empty line (a message from the shell, a signal)."""
+    import re
+    from pathlib import Path
+
+    try:
+        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines()]
+    except OSError:
+        return None
+    for line in lines:
+        if re.match(ERROR_LINE_PREFIX, line):
+            return line
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[-1]
+    return next((line for line in lines if "error" in line.lower()), lines[-1])

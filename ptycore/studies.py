@@ -280,12 +280,11 @@ def aggregate_spec(study: Study, runs: list[Run]) -> dict:
     return spec
 
 
-def materialise(study_path: str | Path, out_dir: str | Path, plan_path: str | Path | None = None) -> tuple[Study,
-                                                                                                         list[Run]]:
-    """Load the study, expand it and write ``out_dir/plans/<plan name>.yaml`` for each run and
-    ``out_dir/aggregate.yaml`` (for ``ptycore aggregate --study``), each only when its content
-    changed, and remove derived plans no run has any more. ``plan_path``: the base plan file
-    (default: resolved from the study's ``plan`` relative to the working directory)."""
+def derive(study_path: str | Path, plan_path: str | Path | None = None) -> tuple[Study, list[Run], dict[str, str]]:
+    """Load the study and expand it, writing nothing: the study, its runs and the text of each file
+    it derives, by name: ``plans/<plan name>.yaml`` for each run and ``aggregate.yaml`` (for
+    ``ptycore aggregate --study``). ``plan_path``: the base plan file (default: resolved from the
+    study's ``plan`` relative to the working directory)."""
     study = load_study(study_path)
     base = Path(plan_path) if plan_path is not None else default_plan_path(study.plan)
     if not base.is_file():
@@ -294,19 +293,31 @@ def materialise(study_path: str | Path, out_dir: str | Path, plan_path: str | Pa
     if not isinstance(base_plan, dict):
         raise InvalidPlan(f"{base}: a plan is a mapping with 'stages'")
     runs = expand(study, base_plan, source=str(study_path))
-    out_dir = Path(out_dir)
     header = f"# derived from {study_path} (study {study.name}); written by ptycore.studies, do not edit\n"
-    wanted = set()
-    for run in runs:
-        path = out_dir / "plans" / f"{run.plan_name(study.name)}.yaml"
-        wanted.add(path.name)
-        _write_if_changed(path, header + yaml.safe_dump(run.plan, sort_keys=False))
+    files = {f"plans/{run.plan_name(study.name)}.yaml": header + yaml.safe_dump(run.plan, sort_keys=False)
+             for run in runs}
+    files["aggregate.yaml"] = header + yaml.safe_dump(aggregate_spec(study, runs), sort_keys=False)
+    return study, runs, files
+
+
+def write_if_changed(path: str | Path, text: str) -> bool:
+    """Write ``text`` to ``path`` atomically unless it already holds exactly ``text`` (then no new
+    mtime, so nothing that depends on it reruns). Returns whether it wrote."""
+    return _write_if_changed(Path(path), text)
+
+
+def materialise(study_path: str | Path, out_dir: str | Path, plan_path: str | Path | None = None) -> tuple[Study,
+                                                                                                         list[Run]]:
+    """:func:`derive`, then write each derived file under ``out_dir`` only when its content
+    changed, and remove derived plans no run has any more."""
+    study, runs, files = derive(study_path, plan_path)
+    out_dir = Path(out_dir)
+    for name, text in files.items():
+        _write_if_changed(out_dir / name, text)
     if (out_dir / "plans").is_dir():
         for stale in (out_dir / "plans").glob("*.yaml"):
-            if stale.name not in wanted:
+            if f"plans/{stale.name}" not in files:
                 stale.unlink()
-    _write_if_changed(out_dir / "aggregate.yaml", header + yaml.safe_dump(aggregate_spec(study, runs),
-                                                                          sort_keys=False))
     return study, runs
 
 

@@ -167,8 +167,12 @@ def test_default_config_runs_no_study_and_all_excludes_study_plans(tmp_path):
     assert "study-tiny-" not in proc.output  # `all` runs the config's plans, never a study's
     proc = snakemake(tmp_path, "-n", "-p", "figures", configfile=STUDY_CONFIG)
     assert proc.returncode == 0, proc.output
+    # the derived plans and the study's aggregate spec are written by jobs, not while snakemake reads
+    # the workflow: a dry run writes nothing
     assert job_counts(proc.output) == {"simulate": 1, "ingest": 1, "preprocess": 1, "init": 1, "reconstruct": 2,
-                                       "evaluate": 2, "study_aggregate": 1, "figures": 1}
+                                       "evaluate": 2, "study_plan": 2, "study_spec": 1, "study_aggregate": 1,
+                                       "figures": 1}
+    assert not (tmp_path / "results").exists(), sorted(p.name for p in (tmp_path / "results").rglob("*"))
     assert "--plan results/studies/tiny/plans/study-tiny-compact-s0.yaml" in proc.output
     assert "--study results/studies/tiny/aggregate.yaml" in proc.output
     assert "--out results/figures/tiny" in proc.output

@@ -80,11 +80,12 @@ def test_dry_run_lists_one_job_per_step_and_stage(tmp_path):
     assert proc.returncode == 0, proc.output
     assert job_counts(proc.output) == {"simulate": 2, "ingest": 2, "preprocess": 2, "init": 2, "reconstruct": 4,
                                        "evaluate": 2, "aggregate": 1, "all": 1}
-    # stage 1 starts from init.zarr, stage 2 from stage 1's store; each stage is its own job
+    # stage 1 starts from init.zarr, stage 2 from stage 1's store; each stage is its own job, and
+    # resumes from its checkpoint when it is run again after a kill (Slurm requeue, retry)
     out = proc.output
-    assert re.search(r"ptycore reconstruct .*--init results/tiny/init\.zarr --stage coarse "
+    assert re.search(r"ptycore reconstruct .*--init results/tiny/init\.zarr --stage coarse --resume "
                      r"--out results/tiny/tiny/stages/coarse\.zarr", out), out
-    assert re.search(r"ptycore reconstruct .*--init results/tiny/tiny/stages/coarse\.zarr --stage fine "
+    assert re.search(r"ptycore reconstruct .*--init results/tiny/tiny/stages/coarse\.zarr --stage fine --resume "
                      r"--out results/tiny/tiny/stages/fine\.zarr", out), out
     assert "--truth results/tiny/simulated/truth.zarr" in out
     assert "ptycore simulate --detector-pixel-mrad 2.0 --detector-px 32 --scan-shape 8 8 --scan-step-A 0.7 --seed 1 " \
@@ -117,6 +118,16 @@ def test_default_config_runs_the_default_plan_on_two_simulated_datasets(tmp_path
     assert job_counts(proc.output) == {"simulate": n, "ingest": n, "preprocess": n, "init": n,
                                        "reconstruct": n * n_stages, "evaluate": n * len(plans), "aggregate": 1,
                                        "figures_aggregate": 1, "all": 1, "figures": 1}
+
+
+def test_a_datasets_own_plans_apply_to_it_alone(tmp_path):
+    """Failure 4: one dataset's plans: list was run on every dataset."""
+    datasets = yaml.safe_load(TEST_CONFIG.read_text())["datasets"]
+    datasets[0]["plans"] = ["config/test/plans/tiny-single.yaml"]  # tiny; tiny-bad keeps the top-level plans
+    proc = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path / "own.yaml", datasets=datasets))
+    assert proc.returncode == 0, proc.output
+    evaluated = sorted(set(re.findall(r"--out (results/[^ ]+/eval)", proc.output)))
+    assert evaluated == ["results/tiny-bad/tiny/eval", "results/tiny/tiny-single/eval"], evaluated
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -175,6 +186,7 @@ def test_profiles():
     real = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     assert real["executor"] == "slurm"
     assert real["rerun-incomplete"] is True and real["keep-going"] is True and real["retries"] >= 1
+    assert real["slurm-requeue"] is True  # preempted jobs are requeued, and reconstruct resumes (--resume)
     assert real["slurm-status-command"] == "squeue" and real["latency-wait"] >= 30
     assert not set(real) & {"default-resources", "set-resources"}, "account/partitions come from config or env"
     assert (ROOT / "profiles" / "local" / "config.yaml").exists()
@@ -184,13 +196,28 @@ def test_profiles():
 
 
 # ---------------------------------------------------------------- the real DAG
+LOST_META = """energy_kv: 300
+convergence_mrad: 20
+scan_shape: [8, 8]
+scan_step_A: [0.7, 0.7]
+detector_pixel_mrad: 2.0
+"""
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The tiny config run to the end with profiles/local: 'tiny' completes, 'tiny-bad' fails."""
+    """The tiny config run to the end with profiles/local: 'tiny' completes, 'tiny-bad' fails at
+    simulate, and 'lost', a measured dataset whose patterns file does not exist, fails at ingest."""
     if missing_verbs():
         pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
     workdir = tmp_path_factory.mktemp("workflow")
-    proc = snakemake(workdir, "--profile", str(ROOT / "profiles" / "local"), "--cores", "2")
+    (workdir / "raw").mkdir()
+    (workdir / "raw" / "scan-0412.yaml").write_text(LOST_META)
+    lost = {"name": "lost", "patterns": str(workdir / "raw" / "scan-0412.h5:entry/data"),
+            "metadata": str(workdir / "raw" / "scan-0412.yaml")}
+    datasets = yaml.safe_load(TEST_CONFIG.read_text())["datasets"] + [lost]
+    config = write_config(workdir / "config.yaml", datasets=datasets)
+    proc = snakemake(workdir, "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", configfile=config)
     return workdir, proc
 
 
@@ -203,6 +230,8 @@ def test_bad_dataset_fails_only_its_own_branch(finished_run):
     for stage in ("coarse", "fine"):
         store = zarr.open_group(str(results / "tiny" / "tiny" / "stages" / f"{stage}.zarr"), mode="r")
         assert store.attrs["provenance"]["stages_run"] == [stage]
+        # the rule passes --resume; with no checkpoint to resume from, the stage ran from iteration 0
+        assert store.attrs["provenance"]["stage_timings"][stage]["resumed_from"] is None
         assert np.isfinite(np.asarray(store["object_phase"])).all()
     metrics = json.loads((results / "tiny" / "tiny" / "eval" / "metrics.json").read_text())
     assert metrics, "metrics.json is empty"
@@ -214,6 +243,11 @@ def test_bad_dataset_fails_only_its_own_branch(finished_run):
     assert not (results / "tiny-bad" / "simulated").exists()
     log = (results / "logs" / "tiny-bad" / "simulate.log").read_text()
     assert "ptycore simulate: error: --dose" in log
+    # a patterns file that does not exist stops only its own dataset, at its ingest job
+    assert "MissingInputException" not in proc.output
+    assert not (results / "lost" / "data.zarr").exists()
+    log = (results / "logs" / "lost" / "ingest.log").read_text()
+    assert f"ptycore ingest: error: {workdir}/raw/scan-0412.h5: pattern file not found" in log, log
     # logs and benchmarks of every step of the good dataset
     for step in ("simulate", "ingest", "preprocess", "init"):
         assert (results / "logs" / "tiny" / f"{step}.log").exists()
@@ -228,17 +262,27 @@ def test_aggregate_names_the_failed_dataset_and_its_error(finished_run):
     workdir, proc = finished_run
     results = workdir / "results"
     failures = json.loads((results / "logs" / "aggregate-failures.json").read_text())
-    assert [(f["dataset"], f["plan"], f["step"]) for f in failures] == [("tiny-bad", "tiny", "simulate")]
+    assert [(f["dataset"], f["plan"], f["step"]) for f in failures] == [("tiny-bad", "tiny", "simulate"),
+                                                                        ("lost", "tiny", "ingest")]
     assert failures[0]["error"].startswith("ptycore simulate: error: --dose")
     assert failures[0]["log"] == "results/logs/tiny-bad/simulate.log"
+    assert failures[1]["error"] == f"ptycore ingest: error: {workdir}/raw/scan-0412.h5: pattern file not found"
+    assert failures[1]["log"] == "results/logs/lost/ingest.log"
     assert "FAILED tiny-bad / tiny at simulate: ptycore simulate: error: --dose" in proc.output
+    assert "FAILED lost / tiny at ingest: ptycore ingest: error: " in proc.output
     # the aggregate itself was built from what completed, and names the failure
     aggregate = results / "aggregate"
     assert aggregate.is_dir()
     text = "\n".join(p.read_text(errors="replace") for p in aggregate.rglob("*")
                      if p.is_file() and p.suffix in (".html", ".json", ".csv", ".md", ".txt", ".tsv"))
     assert "tiny-bad" in text and "--dose" in text
+    assert "lost" in text and "pattern file not found" in text
     assert "tiny" in text
+    # built aside and swapped in: nothing half-built or old left beside it
+    assert sorted(p.name for p in results.iterdir() if p.name.startswith(".")) == []
+    # the aggregate's rebuild stamp is newer than the aggregate: the next run rebuilds it as a job
+    stamp = results / "logs" / "aggregate-rebuild.stamp"
+    assert stamp.stat().st_mtime > aggregate.stat().st_mtime
     # what `make demo` prints at the end
     from ptycore.demo import summary
 
@@ -292,3 +336,100 @@ def test_nightly_script_dry_run(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "previous nightly run still going" in proc.stdout
+
+
+# ---------------------------------------------------------------- nightly runs, kills and retries
+def nightly_env(tmp_path: Path) -> dict:
+    return dict(os.environ, PTYCORE_PROFILE=str(ROOT / "profiles" / "local"),
+                PTYCORE_NIGHTLY_LOCK=str(tmp_path / "nightly.lock"), MPLBACKEND="Agg",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def nightly(tmp_path: Path, workdir: Path, config: Path, *args: str, timeout: float = 1200):
+    cmd = [str(ROOT / "workflow" / "scripts" / "nightly.sh"), "--directory", str(workdir), "--configfile", str(config),
+           *args]
+    proc = subprocess.run(cmd, env=nightly_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def start_snakemake(workdir: Path, config: Path, *args: str) -> subprocess.Popen:
+    """A manual run in the background, in its own process group (so that it can be killed whole)."""
+    env = dict(os.environ, MPLBACKEND="Agg", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config), "--profile", str(ROOT / "profiles" / "local"), "--cores", "1", *args]
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, limit_s: float = 600):
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"no {what} after {limit_s} s"
+        time.sleep(0.05)
+
+
+def snakemake_locks(workdir: Path) -> list[str]:
+    locks = workdir / ".snakemake" / "locks"
+    return sorted(p.name for p in locks.iterdir()) if locks.is_dir() else []
+
+
+@pytest.mark.slow
+def test_nightly_never_unlocks_a_live_manual_run(tmp_path):
+    """Failure 6: the nightly run cleared snakemake's lock unconditionally, so a manual run and the
+    nightly run went together and deleted each other's outputs."""
+    if missing_verbs():
+        pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    datasets = [d for d in yaml.safe_load(TEST_CONFIG.read_text())["datasets"] if d["name"] == "tiny"]
+    config = write_config(tmp_path / "config.yaml", datasets=datasets)
+    manual = start_snakemake(workdir, config, "results/tiny/simulated")
+    try:
+        wait_for(lambda: snakemake_locks(workdir), manual, "snakemake lock")
+        locks = snakemake_locks(workdir)
+        proc = nightly(tmp_path, workdir, config)
+        assert proc.returncode == 0, proc.output
+        assert "a pipeline run is going in" in proc.output and "skipping tonight" in proc.output, proc.output
+        assert manual.poll() is None, "the manual run should still be going (make its job longer)"
+        assert snakemake_locks(workdir) == locks  # its lock is untouched
+    finally:
+        out, _ = manual.communicate(timeout=600)
+    assert manual.returncode == 0, out
+    assert (workdir / "results" / "tiny" / "simulated" / "patterns.h5").is_file()
+
+
+@pytest.mark.slow
+def test_killed_reconstruct_resumes_from_its_checkpoint_when_the_nightly_run_retries_it(finished_run, tmp_path):
+    """Failures 1 and 9, and a stale lock: a reconstruct job killed half-way (as Slurm kills a job at
+    preemption) leaves its checkpoint and snakemake's lock; the real nightly command (no -n) clears
+    the stale lock, reruns the incomplete job, which continues from the checkpoint, and finishes the DAG."""
+    workdir, _ = finished_run
+    plan = yaml.safe_load((ROOT / "config" / "test" / "plans" / "tiny.yaml").read_text())
+    plan["name"] = "long"
+    plan["stages"] = [dict(plan["stages"][0], name="main", iterations=200, checkpoint_every=5)]
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(plan))
+    datasets = [d for d in yaml.safe_load(TEST_CONFIG.read_text())["datasets"] if d["name"] == "tiny"]
+    config = write_config(tmp_path / "config.yaml", datasets=datasets, plans=[str(tmp_path / "long.yaml")])
+    store = workdir / "results" / "tiny" / "long" / "stages" / "main.zarr"
+    checkpoint = store.with_name("main.zarr.partial") / "checkpoints" / "main.npz"
+    run = start_snakemake(workdir, config, str(store.relative_to(workdir)))
+    wait_for(checkpoint.exists, run, "checkpoint")
+    os.killpg(run.pid, 9)
+    run.wait()
+    assert not store.exists() and checkpoint.exists() and snakemake_locks(workdir), "nothing left to resume"
+
+    proc = nightly(tmp_path, workdir, config)
+    assert proc.returncode == 0, proc.output
+    assert not snakemake_locks(workdir)
+    timings = zarr.open_group(str(store), mode="r").attrs["provenance"]["stage_timings"]["main"]
+    assert timings["resumed_from"] is not None and timings["resumed_from"] >= 5, timings
+    history = zarr.open_group(str(store), mode="r")["history/s_per_iter"]
+    assert history.shape[0] == 200  # the iterations before the kill (from the checkpoint) and after
+    assert (workdir / "results" / "tiny" / "long" / "eval" / "metrics.json").is_file()
+    assert (workdir / "results" / "aggregate" / "report.html").is_file()
+    # the next night: nothing to do
+    proc = nightly(tmp_path, workdir, config)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.output, proc.output

@@ -17,7 +17,7 @@ def add_arguments(p):
                    help="failed runs: a JSON list of {dataset, plan, step, log, error} (the workflow writes it)")
     p.add_argument("--failed-logs", nargs="+", default=[], metavar="LOG",
                    help="logs of failed steps (logs/<dataset>[/<plan>]/<step>.log); each becomes a failed run "
-                        "with the log's first line containing 'error'")
+                        "with the log's error line ('ptycore VERB: error: ...', else the last line of a traceback)")
     p.add_argument("--study", metavar="STUDY.yaml",
                    help="plot metrics against a study factor (format in 'ptycore.aggregate')")
     p.add_argument("--title", default="ptycore results", help="title of the index report")

@@ -1,41 +1,43 @@
 # Data steps, one dataset each: simulate (simulated datasets only) → ingest → preprocess → init.
 # A half dataset NAME~halfK (config frc) has no data.zarr of its own: its preprocess cuts half K
 # of the scan from NAME's data.zarr (ptycore preprocess --half K), then init and reconstruct as usual.
+# Output, log and benchmark paths: the step table in ptycore/pipeline/layout.py.
 
 
 rule simulate:
     """Simulated dataset: patterns.h5 (dataset 'patterns'), meta.yaml and truth.zarr."""
     output:
-        directory(f"{RESULTS}/{{dataset}}/simulated"),
+        directory(output_of("simulate")),
     log:
-        f"{LOGS}/{{dataset}}/simulate.log",
+        log_of("simulate"),
     benchmark:
-        f"{BENCH}/{{dataset}}/simulate.tsv"
+        benchmark_of("simulate")
     wildcard_constraints:
-        dataset=NAME_RE,
+        dataset=layout.dataset_constraint("simulate"),
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("simulate")
     resources:
         **resources_for("simulate"),
     params:
-        options=lambda wc: cli_options(dataset_entry(wc.dataset)["simulate"]),
+        options=simulate_options,
     shell:
         "ptycore simulate {params.options} --out {output} > {log} 2>&1"
 
 
 rule ingest:
-    """Raw patterns + acquisition metadata → data.zarr (validated, checksummed)."""
+    """Raw patterns + acquisition metadata → data.zarr (validated, checksummed). A raw file that
+    does not exist fails this job only (with one line naming it), not the whole DAG."""
     input:
         unpack(ingest_input),
     output:
-        directory(f"{RESULTS}/{{dataset}}/data.zarr"),
+        directory(output_of("ingest")),
     log:
-        f"{LOGS}/{{dataset}}/ingest.log",
+        log_of("ingest"),
     benchmark:
-        f"{BENCH}/{{dataset}}/ingest.tsv"
+        benchmark_of("ingest")
     wildcard_constraints:
-        dataset=NAME_RE,
+        dataset=layout.dataset_constraint("ingest"),
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("ingest")
@@ -56,11 +58,11 @@ rule preprocess:
         unpack(step_config("preprocess")),
         data=preprocess_data,
     output:
-        directory(f"{RESULTS}/{{dataset}}/prepared.zarr"),
+        directory(output_of("preprocess")),
     log:
-        f"{LOGS}/{{dataset}}/preprocess.log",
+        log_of("preprocess"),
     benchmark:
-        f"{BENCH}/{{dataset}}/preprocess.tsv"
+        benchmark_of("preprocess")
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("preprocess")
@@ -77,13 +79,13 @@ rule init:
     """prepared.zarr → init.zarr (probe from aberrations, object, positions, tilts)."""
     input:
         unpack(step_config("init")),
-        data=f"{RESULTS}/{{dataset}}/prepared.zarr",
+        data=output_of("preprocess"),
     output:
-        directory(f"{RESULTS}/{{dataset}}/init.zarr"),
+        directory(output_of("init")),
     log:
-        f"{LOGS}/{{dataset}}/init.log",
+        log_of("init"),
     benchmark:
-        f"{BENCH}/{{dataset}}/init.tsv"
+        benchmark_of("init")
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("init")

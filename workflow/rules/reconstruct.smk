@@ -1,6 +1,11 @@
 # One reconstruct job per plan stage: stage K starts from stage K-1's result store (stage 1 from
-# init.zarr) and writes its own store. Stage names come from the plan YAML (read in common.smk).
+# init.zarr) and writes its own store. Stage names come from the plan YAML (ptycore.pipeline.model).
 # The half datasets of the FRC (NAME~half1, NAME~half2) run through this same rule.
+#
+# --resume: a job that is run again after it was killed (Slurm requeue after preemption or a node
+# failure, a retry after running out of time, a rerun of an incomplete job) continues from the
+# checkpoint in <out>.partial/checkpoints/ instead of iteration 0; with no checkpoint it starts
+# from the beginning.
 
 
 rule reconstruct:
@@ -8,11 +13,11 @@ rule reconstruct:
     input:
         unpack(reconstruct_input),
     output:
-        directory(f"{RESULTS}/{{dataset}}/{{plan}}/stages/{{stage}}.zarr"),
+        directory(output_of("reconstruct")),
     log:
-        f"{LOGS}/{{dataset}}/{{plan}}/reconstruct-{{stage}}.log",
+        log_of("reconstruct"),
     benchmark:
-        f"{BENCH}/{{dataset}}/{{plan}}/reconstruct-{{stage}}.tsv"
+        benchmark_of("reconstruct")
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("reconstruct")
@@ -20,4 +25,4 @@ rule reconstruct:
         **retry_scaled_resources("reconstruct"),
     shell:
         "ptycore reconstruct --plan {input.plan:q} --data {input.data} --init {input.init}"
-        " --stage {wildcards.stage} --out {output} > {log} 2>&1"
+        " --stage {wildcards.stage} --resume --out {output} > {log} 2>&1"

@@ -1,4 +1,6 @@
-# Evaluate each dataset × plan (final stage), then aggregate across datasets.
+# Evaluate each dataset × plan (final stage), then aggregate across datasets. With failures
+# (--keep-going), the Snakefile's onerror hook builds the aggregates from what completed
+# (ptycore/pipeline/failures.py); their rebuild stamp then makes the next run rebuild them here.
 
 
 rule evaluate:
@@ -7,11 +9,13 @@ rule evaluate:
     input:
         unpack(evaluate_input),
     output:
-        directory(f"{RESULTS}/{{dataset}}/{{plan}}/eval"),
+        directory(output_of("evaluate")),
     log:
-        f"{LOGS}/{{dataset}}/{{plan}}/evaluate.log",
+        log_of("evaluate"),
     benchmark:
-        f"{BENCH}/{{dataset}}/{{plan}}/evaluate.tsv"
+        benchmark_of("evaluate")
+    wildcard_constraints:
+        dataset=layout.dataset_constraint("evaluate"),
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("evaluate")
@@ -28,13 +32,14 @@ rule evaluate:
 rule aggregate:
     """Every dataset × plan's evaluation → tables, figures and an HTML report across datasets."""
     input:
-        evals=all_evals(),
+        evals=PIPE.evals(),
+        stamp=rebuild_stamp("aggregate"),
     output:
-        directory(f"{RESULTS}/aggregate"),
+        directory(layout.AGGREGATE),
     log:
         f"{LOGS}/aggregate.log",
     benchmark:
-        f"{BENCH}/aggregate.tsv"
+        f"{layout.BENCH}/aggregate.tsv"
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("aggregate")
@@ -48,13 +53,14 @@ rule figures_aggregate:
     """The figures overview: the aggregate of the evaluated datasets for the plans in config
     figures.plans (default: every plan). Per-study figures: workflow/rules/studies.smk."""
     input:
-        evals=all_evals(config["figures"].get("plans")),
+        evals=PIPE.evals(PIPE.figures_plans()),
+        stamp=rebuild_stamp("figures"),
     output:
-        directory(OVERVIEW),
+        directory(layout.OVERVIEW),
     log:
         f"{LOGS}/figures.log",
     benchmark:
-        f"{BENCH}/figures.tsv"
+        f"{layout.BENCH}/figures.tsv"
     conda:
         "../envs/ptycore.yaml"
     threads: threads_for("figures")
