@@ -27,3 +27,10 @@ class Diverged(PtycoreError):
 
 class MissingDependency(PtycoreError):
     """An optional extra (e.g. 'sim' for abTEM) is needed but not installed."""
+
+
+class StorageError(PtycoreError):
+    """The file system refused a read or write (read-only, full, no permission, not a directory),
+    or a stored chunk could not be decoded. Nothing was written; earlier outputs are untouched."""
+
+    exit_code = 4

@@ -91,6 +91,8 @@ class Schedule(_Strict):
         for key in need:
             if getattr(self, key) is None:
                 raise ValueError(f"a {kind} schedule needs {key!r}")
+        if any(math.isnan(v) for v in self.values()):
+            raise ValueError("is not a number (NaN)")
         if kind in ("linear", "cosine") and self.to_iter <= self.from_iter:
             raise ValueError("to_iter must be > from_iter")
         if kind == "piecewise":
@@ -351,6 +353,20 @@ class Stage(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _fits_the_data_within_its_iterations(self):
+        where = f"stage {self.name!r}"
+        for key, opt in self.optimize.items():
+            if opt.start > self.iterations:
+                raise ValueError(f"{where}: optimize.{key}.start {opt.start} is beyond the stage's "
+                                 f"{self.iterations} iterations: {key} would never be updated (at most "
+                                 f"{self.iterations}; leave {key} out of optimize to keep it fixed)")
+        data_fit = {k: v for k, v in self.losses.items() if k in ("single", "poisson", "anscombe")}
+        if data_fit and all(max(loss.weight.values(), default=0.0) == 0 for loss in data_fit.values()):
+            raise ValueError(f"{where}: every data-fit loss has weight 0 ({', '.join(data_fit)}): "
+                             "nothing fits the data")
+        return self
+
+    @model_validator(mode="after")
     def _projection_engine_scope(self):
         if self.noise_model is not None and self.engine != "lsqml":
             hint = " (choose the data loss instead: single or poisson)" if self.engine == "gradient" else ""
@@ -419,6 +435,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = "required key is missing"
     elif first["type"] == "greater_than_equal":
         msg = f"must be >= {first['ctx']['ge']}"
+    if isinstance(first.get("input"), float) and math.isnan(first["input"]):
+        msg = "is not a number (NaN)"
     return f"{source}: {_loc(first['loc'])}: {msg}"
 
 

@@ -7,6 +7,7 @@ suggestion, so a misspelt key never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})")
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif isinstance(first.get("input"), float) and math.isnan(first["input"]):
+        msg = "is not a number (NaN)"
     return f"{source}: {where}: {msg}"
 
 
