@@ -28,6 +28,10 @@ of each diffraction pattern, so its object pixel is ``pixel_size_A × N / 32`` (
 size) over the same field of view; a later stage without ``detector_px`` uses the full
 detector again. Object and probe are Fourier-resampled when the stage starts.
 
+A parameter's ``start`` may not lie beyond the stage's ``iterations`` (``start`` equal to
+``iterations`` keeps it fixed), some data-fit loss (single, poisson, anscombe) must have a
+non-zero weight, and no number may be NaN.
+
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
 

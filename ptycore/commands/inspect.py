@@ -3,7 +3,8 @@
 Works on every ptycore store (data, prepared, init, result, truth, an aggregate's metrics.zarr):
 it walks the groups, prints each array's name, shape, dtype and chunks, the attributes (long
 values shortened unless ``--full``), a provenance summary with its upstream chain, and the
-last value of every ``history/`` array.
+last value of every ``history/`` array, and whether the store's manifest is whole (``--verify``:
+every file's size and CRC-32 against the manifest, see :mod:`ptycore.store`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ def add_arguments(p):
     p.add_argument("--init", required=True, help="init.zarr from 'ptycore init', or a previous stage's result store")
     p.add_argument("--out", required=True, help="result store to write (zarr v3)")
     p.add_argument("--stage", help="run only this stage (default: all stages in order)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in <out>.partial")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in <out>.partial (a damaged checkpoint is refused, naming it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result store")
     p.add_argument("--seed", type=int, help="override the plan's seed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
