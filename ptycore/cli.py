@@ -94,10 +94,10 @@ def is_decode_error(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None:
         name = tb.tb_frame.f_globals.get("__name__", "")
-        if name.startswith(("numcodecs", "zarr.codecs", "zarr.core.codec_pipeline", "zarr.core.buffer")):
+        if name.startswith(("numcodecs", "zarr.")) and "decode" in tb.tb_frame.f_code.co_name:
             return True
         tb = tb.tb_next
-    return type(err).__module__.startswith("numcodecs")
+    return False
 
 
 def decode_error_message(err: BaseException, args) -> str:

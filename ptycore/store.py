@@ -3,8 +3,9 @@
 Every output is written to ``<out>.partial`` and renamed into place only when complete, so a
 killed job never leaves a store that looks finished. A store that already exists is never
 overwritten unless asked; with ``--overwrite`` the old output is renamed aside, the new one
-renamed into place, and only then is the old one deleted (restored if the swap fails), so a
-failed or killed run never loses the previous result. On an error the temporary output is
+renamed into place, and only then is the old one deleted (restored if the swap fails, or by the
+next run if it was killed between the two renames), so a failed or killed run never loses the
+previous result. On an error the temporary output is
 removed; a reconstruction keeps its checkpoints for ``--resume`` but not half-written temporary
 files (``*.tmp``, ``*.tmp.npz``).
 
@@ -117,6 +118,17 @@ def _zarr_roots(tmp: Path) -> list[Path]:
     return sorted(p.parent for p in tmp.glob("*/zarr.json"))
 
 
+def _recover_aside(out: Path) -> None:
+    """A run killed between the two renames of :func:`_replace` leaves the old output at
+    ``<out>.old-PID``: put it back if ``out`` is missing, delete it if the new one made it."""
+    asides = sorted(out.parent.glob(f"{out.name}.old-*")) if out.parent.is_dir() else []
+    for aside in asides:
+        if not out.exists():
+            os.replace(aside, out)
+        else:
+            _remove(aside)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` is renamed aside first and deleted only after
     the new one is in place (and put back if the move fails)."""
@@ -143,6 +155,7 @@ def atomic_output(out: str | Path, *, overwrite: bool = False, keep_partial_on_e
     once the new output is complete (see the module docstring).
     """
     out = Path(out)
+    _recover_aside(out)
     refuse_existing(out, overwrite)
     tmp = partial_path(out)
     if (tmp.exists() or tmp.is_symlink()) and not keep_partial_on_error:

@@ -23,7 +23,7 @@ from _ptydata import sha256, write_raw_dataset
 
 import ptycore.recon.runner as runner
 from ptycore.cli import main
-from ptycore.errors import InvalidData, InvalidPlan, StorageError
+from ptycore.errors import InvalidArgument, InvalidData, InvalidPlan, StorageError
 from ptycore.plan import parse_plan
 from ptycore.store import (
     MANIFEST_KEY,
@@ -319,6 +319,21 @@ def test_overwrite_restores_the_old_output_if_the_swap_fails(tmp_path, monkeypat
     assert calls[0][0] == "o" and calls[0][1].startswith("o.old-")  # the old one was moved aside first
     assert (out / "old.txt").read_text() == "old result" and not (out / "new.txt").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_an_old_output_left_aside_by_a_killed_swap_is_put_back(tmp_path):
+    out = tmp_path / "o"
+    aside = tmp_path / "o.old-12345"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old result")
+    with pytest.raises(InvalidArgument, match="already exists"), atomic_output(out):
+        pass  # the next run finds the old output back in place, and refuses to replace it
+    assert (out / "old.txt").read_text() == "old result" and not aside.exists()
+    aside.mkdir()  # killed after the new output was in place: the old copy is just removed
+    with atomic_output(out, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new result")
+    assert (out / "new.txt").exists() and not (out / "old.txt").exists() and leftovers(tmp_path) == []
 
 
 def test_overwrite_of_a_reconstruction_failing_midway_keeps_the_old_result(chain, tmp_path, capsys, disk_full_after):
