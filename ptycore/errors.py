@@ -29,6 +29,13 @@ class MissingDependency(PtycoreError):
     """An optional extra (e.g. 'sim' for abTEM) is needed but not installed."""
 
 
+class StorageError(PtycoreError):
+    """The file system refused a read or write (read-only, full, no permission, not a directory),
+    or a stored chunk could not be decoded. Nothing was written; earlier outputs are untouched."""
+
+    exit_code = 4
+
+
 # ---------------------------------------------------------------- reading errors back from logs
 #: the one line the CLI prints for a PtycoreError (ptycore/cli.py)
 ERROR_LINE_PREFIX = r"ptycore [a-z]+: error: "

@@ -28,6 +28,10 @@ of each diffraction pattern, so its object pixel is ``pixel_size_A × N / 32`` (
 size) over the same field of view; a later stage without ``detector_px`` uses the full
 detector again. Object and probe are Fourier-resampled when the stage starts.
 
+A parameter's ``start`` may not lie beyond the stage's ``iterations`` (``start`` equal to
+``iterations`` keeps it fixed), some data-fit loss (single, poisson, anscombe) must have a
+non-zero weight, and no number may be NaN.
+
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
 
@@ -94,6 +98,8 @@ class Schedule(_Strict):
         for key in need:
             if getattr(self, key) is None:
                 raise ValueError(f"a {kind} schedule needs {key!r}")
+        if any(math.isnan(v) for v in self.values()):
+            raise ValueError("is not a number (NaN)")
         if kind in ("linear", "cosine") and self.to_iter <= self.from_iter:
             raise ValueError("to_iter must be > from_iter")
         if kind == "piecewise":
@@ -361,6 +367,20 @@ class _StageBase(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _fits_the_data_within_its_iterations(self):
+        where = f"stage {self.name!r}"
+        for key, opt in self.optimize.items():
+            if opt.start > self.iterations:
+                raise ValueError(f"{where}: optimize.{key}.start {opt.start} is beyond the stage's "
+                                 f"{self.iterations} iterations: {key} would never be updated (at most "
+                                 f"{self.iterations}; leave {key} out of optimize to keep it fixed)")
+        data_fit = {k: v for k, v in self.losses.items() if k in DATA_FIT_LOSSES}
+        if data_fit and all(max(loss.weight.values(), default=0.0) == 0 for loss in data_fit.values()):
+            raise ValueError(f"{where}: every data-fit loss has weight 0 ({', '.join(data_fit)}): "
+                             "nothing fits the data")
+        return self
+
+    @model_validator(mode="after")
     def _engine_scope(self):
         """What the registry says the engine can do: its parameters, losses and options."""
         spec = REGISTRY[self.engine]
@@ -452,6 +472,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = "required key is missing"
     elif first["type"] == "greater_than_equal":
         msg = f"must be >= {first['ctx']['ge']}"
+    if isinstance(first.get("input"), float) and math.isnan(first["input"]):
+        msg = "is not a number (NaN)"
     return f"{source}: {_loc(first['loc'])}: {msg}"
 
 

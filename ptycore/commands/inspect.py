@@ -3,7 +3,8 @@
 Works on every ptycore store (data, prepared, init, result, truth, an aggregate's metrics.zarr):
 it walks the groups, prints each array's name, shape, dtype and chunks, the attributes (long
 values shortened unless ``--full``), a provenance summary with its upstream chain, and the
-last value of every ``history/`` array.
+last value of every ``history/`` array, and whether the store's manifest is whole (``--verify``:
+every file's size and CRC-32 against the manifest, see :mod:`ptycore.store`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ _WIDTH = 110
 def add_arguments(p):
     p.add_argument("store", help="a zarr store written by ptycore")
     p.add_argument("--full", action="store_true", help="print attributes and provenance in full (JSON)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file of the store against the size and CRC-32 recorded when it was written "
+                        "(reads the whole store; opening it checks only that every file is there)")
 
 
 def _short(value, full: bool) -> str:
@@ -116,7 +120,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ptycore.errors import InvalidData
-    from ptycore.store import open_store
+    from ptycore.store import MANIFEST_KEY, open_store, verify_store
 
     path = Path(args.store)
     try:
@@ -140,6 +144,16 @@ def run(args) -> int:
             history.append((name[len("history/"):], arr))
     attrs = dict(group.attrs)
     prov = attrs.pop("provenance", None)
+    manifest = attrs.pop(MANIFEST_KEY, None)
+    n_files = len(manifest.get("files", {})) if isinstance(manifest, dict) else 0
+    if args.verify:
+        checked = verify_store(path)
+        print(f"verified: {checked} files match their sizes and CRC-32" if checked else
+              "verified: nothing to check (no manifest: not written by ptycore, or by an older version)")
+    elif n_files:
+        print(f"manifest: {n_files} files, all present (--verify checks their contents)")
+    else:
+        print("manifest: none (not written by ptycore, or by an older version; not checked)")
     if attrs:
         print("attributes:")
         for key, value in attrs.items():

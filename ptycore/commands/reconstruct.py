@@ -13,14 +13,44 @@ def add_arguments(p):
     p.add_argument("--init", required=True, help="init.zarr from 'ptycore init', or a previous stage's result store")
     p.add_argument("--out", required=True, help="result store to write (zarr v3)")
     p.add_argument("--stage", help="run only this stage (default: all stages in order)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in <out>.partial")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in <out>.partial (a damaged checkpoint is refused, naming it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result store")
     p.add_argument("--seed", type=int, help="override the plan's seed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def check_checkpoints(out) -> None:
+    """Before ``--resume``: every checkpoint in ``<out>.partial/checkpoints`` must read back whole
+    (a truncated or garbage file is refused with its path, rather than failing mid-run)."""
+    import json
+    import zipfile
+
+    import numpy as np
+
+    from ptycore.errors import InvalidData
+    from ptycore.store import partial_path
+
+    for ckpt in sorted((partial_path(out) / "checkpoints").glob("*.npz")):
+        if ".tmp" in ckpt.suffixes:
+            continue
+        try:
+            with np.load(ckpt, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                int(meta["iteration"])
+                for key in f.files:
+                    f[key]  # reading each member checks its zip CRC
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+            reason = f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+            raise InvalidData(f"{ckpt}: checkpoint is damaged ({reason}); delete it to restart stage "
+                              f"{ckpt.stem!r} from its start, or run without --resume") from None
+
+
 def run(args) -> int:
     from ptycore.recon.reconstruct import reconstruct
+
+    if args.resume:
+        check_checkpoints(args.out)
 
     out = reconstruct(plan_path=args.plan, data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,

@@ -13,6 +13,7 @@ provenance).
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def _format_error(err: ValidationError, source: str, sources: dict[str, str] | N
         msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})")
     elif first["type"] == "missing":
         msg = "required key is missing" + missing_hint
+    elif isinstance(first.get("input"), float) and math.isnan(first["input"]):
+        msg = "is not a number (NaN)"
     else:
         msg = f"{msg} (got {first.get('input')!r})"
     return f"{source}: {where}: {msg}"
