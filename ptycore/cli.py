@@ -14,7 +14,7 @@ from ptycore import __version__
 from ptycore.errors import PtycoreError
 
 #: verb -> module in ptycore.commands, in pipeline order
-VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect"]
+VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect", "tune"]
 
 
 def _available_verbs():
