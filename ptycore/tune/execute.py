@@ -157,8 +157,7 @@ def make_cluster(space: Space, out: Path):
     """(cluster, trials at once): a LocalCluster, or an adaptive dask-jobqueue SLURMCluster."""
     import dask
 
-    dask.config.set({"distributed.scheduler.allowed-failures": 0,  # a lost worker fails its trial (we rerun it)
-                     "distributed.worker.daemon": False})
+    dask.config.set({"distributed.scheduler.allowed-failures": 0})  # a lost worker fails its trial (we rerun it)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # workers share a GPU without grabbing it
     c = space.cluster
     if c.kind == "local":
@@ -263,6 +262,7 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.last = total, enabled, None
+        self.reported: set[int] = set()
         self.live = None
         if enabled and sys.stderr.isatty():
             from rich.console import Console
@@ -270,6 +270,20 @@ class _Progress:
 
             self.live = Live("", console=Console(stderr=True), refresh_per_second=4, transient=False)
             self.live.start()
+
+    def failed(self, trials) -> None:
+        """One line per newly failed trial with its first error line."""
+        from optuna.trial import TrialState
+
+        for t in trials:
+            if t.state == TrialState.FAIL and t.number not in self.reported:
+                self.reported.add(t.number)
+                if self.enabled:
+                    msg = f"[tune] trial {t.number} failed: {t.user_attrs.get('error', 'no error recorded')}"
+                    if self.live is not None:
+                        self.live.console.print(msg, markup=False, highlight=False)
+                    else:
+                        print(msg, file=sys.stderr, flush=True)
 
     def update(self, counts: dict, best):
         text = (f"trials {counts['finished']}/{self.total}: {counts['complete']} complete, {counts['pruned']} pruned, "
@@ -313,14 +327,19 @@ def run_study(setup: Setup, *, progress: bool = True, poll_seconds: float = 0.5)
         study = open_study(setup)
         from optuna.trial import TrialState
 
+        if not study.get_trials(deepcopy=False):  # a new study: the given points first
+            for point in space.enqueue:
+                study.enqueue_trial(point, skip_if_exists=False)
+
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             fail_lost(study, t, "interrupted: the 'ptycore tune' run that started it stopped", space.retries)
+        bar = _Progress(space.trials, progress)
+        bar.reported.update(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         inits = shared_inits(setup)
         job = Job(space=space.model_dump(mode="json"), base_plan=setup.base_plan, base_init=setup.base_init,
                   data=tuple(str(p) for p in setup.data), shared_inits=tuple(inits), out=str(out.resolve()),
                   study_name=space.name, storage=setup.storage, sampler_seed=space.seed)
         started = time.time()
-        bar = _Progress(space.trials, progress)
         cluster, parallel = make_cluster(space, out)
         try:
             if space.cluster.kind == "slurm":
@@ -342,10 +361,11 @@ def _loop(study, client, job: Job, space: Space, parallel: int, bar: _Progress, 
     from optuna.trial import TrialState
 
     in_flight = {}  # future -> task key
-    n_started = len(study.get_trials(deepcopy=False))
+    n_started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))  # sampler seeds used
     while True:
         trials = study.get_trials(deepcopy=False)
         counts = _state_counts(trials)
+        bar.failed(trials)
         bar.update(counts, _best(study))
         if counts["lost"] > max(space.trials, 4) * (space.retries + 1):
             raise InvalidArgument(f"{counts['lost']} trials lost their worker (killed, out of memory or time): "

@@ -22,7 +22,7 @@ from ptycore.report import _page, embed_png, fmt
 from ptycore.store import create_store, now_iso, write_array
 from ptycore.tune.trial import INIT_FILE, PLAN_FILE, trial_dir
 
-COLUMNS = ["trial", "state", "objective", "seconds", "worker", "host", "sampler_seed", "plan_seed", "attempt",
+COLUMNS = ["trial", "state", "objective", "last_reported", "seconds", "worker", "host", "sampler_seed", "plan_seed", "attempt",
            "retry_of", "error"]
 
 
@@ -33,10 +33,12 @@ def trial_rows(study) -> list[dict]:
         seconds = t.user_attrs.get("seconds")
         if seconds is None and t.datetime_start and t.datetime_complete:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        row = {"trial": t.number, "state": t.state.name.lower(), "objective": t.value, "seconds": seconds,
+        steps = sorted(t.intermediate_values)
+        row = {"trial": t.number, "state": t.state.name.lower(),
+               "objective": t.value if t.state.name == "COMPLETE" else None,
+               "last_reported": t.intermediate_values[steps[-1]] if steps else None, "seconds": seconds,
                **{k: t.user_attrs.get(k) for k in ("worker", "host", "sampler_seed", "plan_seed", "attempt",
                                                    "retry_of", "error")}}
-        steps = sorted(t.intermediate_values)
         row["last_step"] = steps[-1] + 1 if steps else None
         for name in names:
             row[name] = t.params.get(name)

@@ -162,9 +162,15 @@ class Space(_Strict):
     heartbeat_seconds: int = Field(default=60, ge=1, description="RDB storage: trial heartbeat")
     fixed: dict[str, Any] = Field(default_factory=dict, description="plan overrides for every trial")
     parameters: dict[str, Parameter] = Field(min_length=1)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="points to try first (e.g. the base "
+                                          "plan's values as trial 0): parameter -> value, may lie outside the range")
 
     @model_validator(mode="after")
     def _check(self):
+        for i, point in enumerate(self.enqueue):
+            unknown = [k for k in point if k not in self.parameters]
+            if unknown:
+                raise ValueError(f"enqueue[{i}]: {unknown[0]!r} is not one of the parameters")
         for key in self.parameters:
             if key in self.fixed:
                 raise ValueError(f"parameters: {key!r} is also in fixed")
@@ -203,8 +209,8 @@ def load_space(path: str | Path) -> Space:
         raise InvalidArgument(f"{path}: a search space is a mapping with 'plan' and 'parameters'")
     try:
         space = Space.model_validate(record)
-    except ValidationError as err:
-        raise InvalidArgument(format_validation_error(err, str(path))) from None
+    except ValidationError as err:  # a model-level check has no field: no empty 'path: : ' then
+        raise InvalidArgument(format_validation_error(err, str(path)).replace(f"{path}: : ", f"{path}: ")) from None
     if space.name is None:
         if not re.fullmatch(NAME_RE, path.stem):
             raise InvalidArgument(f"{path}: name: the file name {path.stem!r} must match {NAME_RE} (or give name)")
@@ -285,6 +291,16 @@ def check_space(space: Space, source: str, base_plan: dict, base_init: dict) -> 
         if re.search(r"validation_fraction$", key) and space.objective == "validation" and min(
                 float(v) for v in param.bounds()) <= 0:
             raise InvalidPlan(f"{source}: parameters: {key!r}: the validation objective needs it > 0")
+    for i, point in enumerate(space.enqueue):
+        where = f"{source}: enqueue[{i}]"
+        plan_values = {k: v for k, v in point.items() if not k.startswith("init.")}
+        try:
+            parse_plan(trial_plan(space, base_plan, plan_values, "check"), where)
+            InitConfig.model_validate(trial_init(base_init, {k.removeprefix("init."): v for k, v in point.items()
+                                                             if k.startswith("init.")}))
+        except ValueError as err:  # set_field's, and pydantic's (a ValueError too)
+            msg = format_validation_error(err, where) if isinstance(err, ValidationError) else f"{where}: {err}"
+            raise InvalidPlan(msg) from None
     for key, param in space.init_parameters().items():
         for value in param.bounds():
             try:

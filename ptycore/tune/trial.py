@@ -178,7 +178,7 @@ def run_one(job: Job) -> int | None:
     """The dask task: one trial of the study. Returns its number (None if Optuna gave none)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's error is its user attr 'error'
     space = Space.model_validate(job.space)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     study = optuna.load_study(study_name=job.study_name, storage=make_storage(job.storage, space.heartbeat_seconds),
