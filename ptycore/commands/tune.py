@@ -9,6 +9,7 @@ HELP = ("hyperparameter search (Optuna on a dask LocalCluster or SLURMCluster): 
 def add_arguments(p):
     p.add_argument("--space", required=True, help="search space YAML (see config/tune/ and ptycore/tune/__init__.py)")
     p.add_argument("--out", required=True, help="study folder (e.g. results/tune/NAME); an existing one is resumed")
+    p.add_argument("--plan", help="base plan YAML (replaces the space's 'plan')")
     p.add_argument("--data", nargs="+", metavar="PREPARED", help="prepared stores (replace the space's data)")
     p.add_argument("--init-config", help="init config YAML for every dataset (replaces the space's)")
     p.add_argument("--trials", type=int, help="trials to finish in total (replaces the space's 'trials')")
@@ -26,7 +27,7 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidArgument(f"--{name}: must be >= 1, got {value}")
-    setup = prepare(args.space, args.out, data=args.data, init_config=args.init_config, trials=args.trials,
+    setup = prepare(args.space, args.out, plan=args.plan, data=args.data, init_config=args.init_config, trials=args.trials,
                     workers=args.workers, cluster=args.cluster, storage=args.storage)
     summary = run_study(setup, progress=not args.quiet)
     best = ("no trial completed" if summary["best_trial"] is None

@@ -50,7 +50,7 @@ def _require_optuna():
                                 "pip install -e '.[tune]'") from None
 
 
-def prepare(space_path, out, *, data=None, init_config=None, trials=None, workers=None, cluster=None,
+def prepare(space_path, out, *, plan=None, data=None, init_config=None, trials=None, workers=None, cluster=None,
             storage=None, root=".") -> Setup:
     """Validate the space against its plan, init configs and data, and the output folder; no compute."""
     from ptycore.store import open_input
@@ -85,7 +85,7 @@ def prepare(space_path, out, *, data=None, init_config=None, trials=None, worker
                               "or --data")
     for prepared, _ in entries:
         open_input(prepared, ("patterns", "positions_A"), "preprocess")
-    plan_file = base_plan_path(space, root)
+    plan_file = Path(plan) if plan is not None else base_plan_path(space, root)
     if not plan_file.is_file():
         raise InvalidArgument(f"{space_path}: plan: {space.plan!r}: plan file {plan_file} not found")
     base_plan = read_yaml_mapping(plan_file, f"{space_path}: plan")
