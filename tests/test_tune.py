@@ -56,8 +56,9 @@ def case(tmp_path_factory):
                 detector_pixel_mrad=wavelength_A(300.0) / (32 * 0.3) * 1e3)
     group.attrs["metadata"] = meta
     plan = {"name": "poor", "seed": 0, "stages": [{
-        "name": "main", "engine": "gradient", "iterations": 12, "resample": {"slices": 1}, "batch_size": 8, "validation_fraction": 0.15,
-        "optimize": {"object_phase": {"optimizer": "adam", "lr": GOOD_LR / 30}}, "losses": {"single": 1.0}}]}
+        "name": "main", "engine": "gradient", "iterations": 12, "resample": {"slices": 1}, "batch_size": 8,
+        "validation_fraction": 0.15, "optimize": {"object_phase": {"optimizer": "adam", "lr": GOOD_LR / 30}},
+        "losses": {"single": 1.0}}]}
     (d / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     (d / "init.yaml").write_text("probe: aperture\nmargin_px: 4\n")
     return {"dir": d, "syn": syn, "prepared": d / "prepared.zarr", "plan": d / "plan.yaml", "init": d / "init.yaml"}
@@ -93,8 +94,8 @@ def load(out: Path) -> optuna.Study:
 
 # ---------------------------------------------------------------- the search space
 BAD_SPACES = [
-    ({"parameters": {"stages[main].optimize.nope.lr": {"low": 1e-3, "high": 1e-1}}}, ["stages[main].optimize.nope.lr",
-                                                                                     "the base plan has no 'nope' here"]),
+    ({"parameters": {"stages[main].optimize.nope.lr": {"low": 1e-3, "high": 1e-1}}},
+     ["stages[main].optimize.nope.lr", "the base plan has no 'nope' here"]),
     ({"parameters": {LR: {"low": 0.1, "high": 0.01}}}, ["parameters", "must be > low"]),
     ({"parameters": {LR: {"low": 0.0, "high": 0.1, "log": True}}}, ["log range needs low > 0"]),
     ({"parameters": {"stages[other].iterations": {"low": 2, "high": 4}}}, ["no element named 'other'"]),

@@ -27,8 +27,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidArgument(f"--{name}: must be >= 1, got {value}")
-    setup = prepare(args.space, args.out, plan=args.plan, data=args.data, init_config=args.init_config, trials=args.trials,
-                    workers=args.workers, cluster=args.cluster, storage=args.storage)
+    setup = prepare(args.space, args.out, plan=args.plan, data=args.data, init_config=args.init_config,
+                    trials=args.trials, workers=args.workers, cluster=args.cluster, storage=args.storage)
     summary = run_study(setup, progress=not args.quiet)
     best = ("no trial completed" if summary["best_trial"] is None
             else f"best trial {summary['best_trial']} ({summary['best_value']:.6g}) → {summary['best_plan']}")

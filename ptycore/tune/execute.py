@@ -358,9 +358,42 @@ def run_study(setup: Setup, *, progress: bool = True, poll_seconds: float = 0.5)
 
 
 def _loop(study, client, job: Job, space: Space, parallel: int, bar: _Progress, poll_seconds: float) -> None:
+    in_flight = {}  # future -> task key
+    try:
+        _schedule(study, client, job, space, parallel, bar, poll_seconds, in_flight)
+    except KeyboardInterrupt:  # Ctrl-C: stop the running trials now, and rerun them when the study resumes
+        _stop_workers(client, space)
+        from optuna.trial import TrialState
+
+        keys = set(in_flight.values())
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("task") in keys:
+                fail_lost(study, t, "interrupted: 'ptycore tune' was stopped", space.retries)
+        raise
+
+
+def _stop_workers(client, space: Space) -> None:
+    """Kill local worker processes at once (closing the cluster would wait for their trials);
+    Slurm workers end when the cluster closes (scancel)."""
+    import signal
+
+    if space.cluster.kind != "local":
+        return
+    try:
+        pids = client.run(os.getpid, on_error="ignore")
+    except Exception:  # noqa: BLE001 - the cluster may already be going down
+        return
+    for pid in pids.values():
+        if isinstance(pid, int):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _schedule(study, client, job, space, parallel, bar, poll_seconds, in_flight) -> None:
     from optuna.trial import TrialState
 
-    in_flight = {}  # future -> task key
     n_started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))  # sampler seeds used
     while True:
         trials = study.get_trials(deepcopy=False)

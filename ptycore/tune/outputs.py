@@ -16,14 +16,13 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ptycore.report import _page, embed_png, fmt
 from ptycore.store import create_store, now_iso, write_array
 from ptycore.tune.trial import INIT_FILE, PLAN_FILE, trial_dir
 
-COLUMNS = ["trial", "state", "objective", "last_reported", "seconds", "worker", "host", "sampler_seed", "plan_seed", "attempt",
-           "retry_of", "error"]
+COLUMNS = ["trial", "state", "objective", "last_reported", "seconds", "worker", "host", "sampler_seed", "plan_seed",
+           "attempt", "retry_of", "error"]
 
 
 def trial_rows(study) -> list[dict]:

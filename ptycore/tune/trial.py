@@ -51,13 +51,22 @@ def trial_dir(out: str | Path, number: int) -> Path:
 def make_storage(storage: str, heartbeat_seconds: int = 60):
     """A journal file (path; NFS-safe lock) or an RDB URL (with heartbeats and one retry of a
     trial whose worker stopped sending them)."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    import warnings
+
+    import optuna
+    import optuna.storages as storages
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if "://" in storage:
-        return RDBStorage(storage, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
-    return JournalStorage(JournalFileBackend(storage, lock_obj=JournalFileOpenLock(storage)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+                retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            else:
+                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+            return storages.RDBStorage(storage, heartbeat_interval=heartbeat_seconds,
+                                       grace_period=2 * heartbeat_seconds, **retry)
+    return storages.JournalStorage(JournalFileBackend(storage, lock_obj=JournalFileOpenLock(storage)))
 
 
 def make_sampler(space: Space, seed: int):
