@@ -71,12 +71,13 @@ def write_space(case, path: Path, **changes) -> Path:
         "pruner": {"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 6},
         "sampler": {"kind": "tpe", "n_startup_trials": 3},
         "parameters": {LR: {"low": 2e-3, "high": 0.1, "log": True}, DEFOCUS: {"low": 70.0, "high": 130.0}},
-        # a good point; a crash (a defocus that overflows the probe's aberration phase: the
-        # reconstruction diverges at once); another good point; then a point far worse than the
-        # first at every iteration, which starts only once a worker is free, i.e. after a good one
-        # completed. Enqueued points may lie outside the ranges.
-        "enqueue": [{LR: GOOD_LR, DEFOCUS: 95.0}, {LR: GOOD_LR, DEFOCUS: 1e39},
-                    {LR: 0.05, DEFOCUS: 105.0}, {LR: 1e-4, DEFOCUS: 75.0}],
+        # two good points (run together, before any trial completed: never pruned); a crash (a
+        # defocus that overflows the probe's aberration phase: the reconstruction diverges at
+        # once); then a point far worse than the good ones at every iteration, which starts only
+        # once a worker is free, i.e. after the good ones (nearly) completed. Enqueued points may
+        # lie outside the ranges.
+        "enqueue": [{LR: GOOD_LR, DEFOCUS: 95.0}, {LR: 0.05, DEFOCUS: 105.0}, {LR: GOOD_LR, DEFOCUS: 1e39},
+                    {LR: 1e-4, DEFOCUS: 75.0}],
         "cluster": {"kind": "local", "workers": 2},
     }
     space.update(changes)
@@ -153,10 +154,10 @@ def test_study_runs_trials_in_parallel_prunes_and_records_a_crash(study_run):
     assert states.count(optuna.trial.TrialState.PRUNED) >= 1  # the far worse point at least
     assert trials[3].state == optuna.trial.TrialState.PRUNED, trials[3].intermediate_values
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert [t.number for t in failed] == [1]
+    assert [t.number for t in failed] == [2]
     error = failed[0].user_attrs["error"]
     assert error and "\n" not in error
-    assert f"trial 1 failed: {error}" in study_run["proc"].stderr
+    assert f"trial 2 failed: {error}" in study_run["proc"].stderr
     assert states.count(optuna.trial.TrialState.COMPLETE) >= 2
     # two workers, and their trials overlapped in time
     assert len({t.user_attrs["worker"] for t in trials}) == 2
@@ -386,3 +387,33 @@ def test_snakemake_tune_target(case, tmp_path):
     counts = job_counts(proc.output)
     assert counts.get("tune_study") == 1 and counts.get("preprocess") == 1 and "reconstruct" not in counts, counts
     assert "ptycore tune --space" in proc.output and "results/tune/lr" in proc.output
+
+
+@pytest.mark.slow
+def test_snakemake_tune_target_runs(tmp_path):
+    """The real chain on the workflow's tiny simulated dataset: simulate → ingest → preprocess → tune."""
+    from test_workflow import TEST_CONFIG, snakemake, write_config
+
+    space = {"plan": "config/test/plans/tiny-single.yaml", "datasets": ["tiny"], "trials": 2,
+             "fixed": {"stages[*].validation_fraction": 0.1}, "cluster": {"workers": 1},
+             "parameters": {"stages[0].optimize.object_phase.lr": {"low": 0.005, "high": 0.05, "log": True}}}
+    (tmp_path / "lr.yaml").write_text(yaml.safe_dump(space))
+    config = write_config(tmp_path / "config.yaml", TEST_CONFIG, tune=[str(tmp_path / "lr.yaml")])
+    proc = snakemake(tmp_path, "--cores", "2", "tune", configfile=config)
+    assert proc.returncode == 0, proc.output
+    out = tmp_path / "results" / "tune" / "lr"
+    assert load_plan(out / "best" / "plan.yaml").stages[0].validation_fraction == 0.1
+    assert len((out / "study.csv").read_text().splitlines()) == 3
+
+
+SHIPPED = sorted((ROOT / "config" / "tune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_spaces_validate_against_their_plans(path):
+    from ptycore.tune.space import base_plan_path, check_space, load_space, read_yaml_mapping
+
+    space = load_space(path)
+    base_init = read_yaml_mapping(ROOT / space.init, "init") if space.init else {}
+    check_space(space, str(path), read_yaml_mapping(base_plan_path(space, ROOT), "plan"), base_init)
+    assert space.datasets and len(space.parameters) >= 2
