@@ -267,7 +267,7 @@ def _wait_for(predicate, timeout=240.0):
         value = predicate()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError("timed out")
 
 
@@ -281,9 +281,9 @@ def _running_with_reports(out: Path):
 
 
 def _slow_space(case, path: Path, trials: int, workers: int) -> Path:
-    """Trials of 40 iterations (a few seconds each), no pruning, no crash points."""
-    return write_space(case, path, trials=trials, enqueue=[], pruner={"kind": "none"}, report_every=2,
-                       fixed={"stages[main].iterations": 40}, cluster={"kind": "local", "workers": workers},
+    """Trials of 200 iterations (several seconds each), no pruning, no crash points."""
+    return write_space(case, path, trials=trials, enqueue=[], pruner={"kind": "none"}, report_every=5,
+                       fixed={"stages[main].iterations": 200}, cluster={"kind": "local", "workers": workers},
                        parameters={LR: {"low": 2e-3, "high": 0.1, "log": True}})
 
 
