@@ -37,7 +37,7 @@ _OS_HINTS = {
 }
 
 #: verb -> module in ptycore.commands, in pipeline order
-VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect"]
+VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect", "tune"]
 
 
 def _available_verbs():

@@ -67,7 +67,8 @@ def write_history(group, records, previous_stages=(), previous=None) -> None:
 
 
 def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
-                seed=None, progress=True) -> Path:
+                seed=None, progress=True, on_iteration=None) -> Path:
+    """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run."""
     started = now_iso()
     plan = load_plan(plan_path)
     if seed is not None:
@@ -86,10 +87,13 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     with atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        done = 0  # iterations of the stages before this one (for on_iteration)
         for stage_cfg in stages:
             index = plan.stages.index(stage_cfg)
+            hook = None if on_iteration is None else (lambda it, s, offset=done: on_iteration(offset + it, s))
             state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
-                                      workdir=tmp, resume=resume, progress=progress)
+                                      workdir=tmp, resume=resume, progress=progress, on_iteration=hook)
+            done += stage_cfg.iterations
             records.append(record)
         group = create_store(tmp / "result.zarr.tmp")
         write_state(group, state)

@@ -131,8 +131,12 @@ def stage_measurement(stage, measurement: Measurement) -> Measurement:
 
 def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *, seed: int, plan_hash: str,
               workdir: Path | None, resume: bool = False, progress: bool = True,
-              bandlimit: float | None = 2 / 3) -> tuple[State, StageRecord]:
+              bandlimit: float | None = 2 / 3, on_iteration=None) -> tuple[State, StageRecord]:
     """Run one stage from ``state``; returns the final state and the stage's record.
+
+    ``on_iteration(it, scalars)``, if given, is called after every iteration (once its history
+    and checkpoint are written) with the iteration and its scalar terms (e.g. ``validation``);
+    an exception it raises stops the stage (``ptycore tune`` prunes trials this way).
 
     ``measurement`` is the full prepared data; the stage fits ``stage_measurement`` of it, and
     ``state`` (on any probe window over the same field of view, e.g. a coarser stage's) is
@@ -177,6 +181,8 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
             if ckpt is not None and ((it + 1) % stage.checkpoint_every == 0 or it + 1 == stage.iterations):
                 save_checkpoint(ckpt, carry, it, record, plan_hash)
                 last_good = it
+            if on_iteration is not None:
+                on_iteration(it, scalars)
     finally:
         bar.close()
     record.compilations = engine.compilations()
