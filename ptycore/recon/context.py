@@ -24,6 +24,9 @@ class Measurement:
     convergence_mrad: float
     scan_shape: tuple[int, int]
     source: str = ""
+    #: (ky, kx) float32 in FFT order, 1 for a good detector pixel, 0 for a bad one or a chip gap
+    #: (excluded from every loss); None: every pixel is good
+    detector_mask: jnp.ndarray | None = None
 
     @property
     def n_positions(self) -> int:
@@ -55,7 +58,9 @@ class Measurement:
             return self
         keep = fft_order_band(ny, detector_px)
         cropped = self.intensities[:, keep][:, :, keep]
-        return replace(self, intensities=cropped, pixel_size_A=self.pixel_size_A * ny / detector_px)
+        mask = None if self.detector_mask is None else self.detector_mask[keep][:, keep]
+        return replace(self, intensities=cropped, pixel_size_A=self.pixel_size_A * ny / detector_px,
+                       detector_mask=mask)
 
 
 def load_measurement(path) -> Measurement:
@@ -73,7 +78,15 @@ def load_measurement(path) -> Measurement:
         raise InvalidData(f"{path}: patterns must be (n_pos, ky, kx), got {patterns.shape}")
     if not np.all(np.isfinite(patterns)):
         raise InvalidData(f"{path}: patterns contain NaN or Inf")
+    mask = None
+    if "detector_mask" in group:
+        good = np.asarray(group["detector_mask"][...], bool)
+        if good.shape != patterns.shape[1:]:
+            raise InvalidData(f"{path}: detector_mask {good.shape} does not match the detector {patterns.shape[1:]}")
+        if not good.all():
+            mask = jnp.asarray(np.fft.ifftshift(good, axes=(-2, -1)), jnp.float32)
     return Measurement(
+        detector_mask=mask,
         intensities=jnp.asarray(np.fft.ifftshift(np.clip(patterns, 0, None), axes=(-2, -1))),
         pixel_size_A=float(attrs["pixel_size_A"]),
         energy_kv=float(meta["energy_kv"]),

@@ -67,7 +67,7 @@ class PixelProbe:
         return state._replace(probe=state.probe + self._complex(updates["probe"])), {}
 
     def _complex(self, value):
-        return ((value[0] + 1j * value[1]) * self.scale).astype(jnp.complex64)
+        return ((value[0] + 1j * value[1]) * self.scale).astype(jnp.result_type(value.dtype, jnp.complex64))
 
 
 #: plan parameter name -> State field, for parameters used as they are

@@ -58,8 +58,11 @@ NOISE_MODELS = {"amplitude": amplitude_residuals, "poisson": poisson_residuals}
 class Problem:
     """The model and data fit of one stage (see the module docstring)."""
 
-    def __init__(self, optics, *, losses=None, per_position_tilts: bool = False, noise_model: str = "amplitude"):
+    def __init__(self, optics, *, losses=None, per_position_tilts: bool = False, noise_model: str = "amplitude",
+                 detector_mask=None):
         self.optics = optics
+        #: (ky, kx) 1 = good pixel, 0 = excluded from every loss (None: all good)
+        self.detector_mask = detector_mask
         self.per_position_tilts = per_position_tilts
         self.loss_names = list(losses or {})
         self.noise_model = noise_model
@@ -123,12 +126,19 @@ class Problem:
         """Residual vector ``r``, curvature ``h`` and per-pixel loss ``l`` of the noise model for
         model amplitudes (batch, ky, kx); padding (``mask`` 0) contributes nothing."""
         r, h, loss = NOISE_MODELS[self.noise_model](amplitude, measured)
-        w = mask[:, None, None]
+        w = mask[:, None, None] if self.detector_mask is None else mask[:, None, None] * self.detector_mask
         return r * w, h * w, loss * w
 
     def data_terms(self, model, measured, mask, names=None):
-        """The stage's data loss terms from model intensities (``DATA_LOSSES``)."""
+        """The stage's data loss terms from model intensities (``DATA_LOSSES``). Bad detector
+        pixels count in none: model and data are both zeroed there, which removes them exactly
+        from every data loss (each compares a pixel's model with its data)."""
+        model, measured = self.masked(model), self.masked(measured)
         return {n: DATA_LOSSES[n](model, measured, mask) for n in (names or self.loss_names) if n in DATA_LOSSES}
+
+    def masked(self, patterns):
+        """Patterns (batch, ky, kx) with the bad detector pixels set to 0."""
+        return patterns if self.detector_mask is None else patterns * self.detector_mask
 
     def loss_terms(self, state, measured, idx, mask):
         """Every loss term of the stage on a batch: data terms on the model of ``idx``, object

@@ -40,7 +40,8 @@ class Engine:
         self.batch_size = min(stage.batch_size, len(self.train_idx))
         noise_model = getattr(stage.options, "noise_model", "amplitude")
         self.problem = Problem(context.optics, losses=stage.losses, per_position_tilts=self.per_position_tilts,
-                               noise_model="poisson" if noise_model == "poisson" else "amplitude")
+                               noise_model="poisson" if noise_model == "poisson" else "amplitude",
+                               detector_mask=measurement.detector_mask)
         self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
 
     def summarise(self, state, measured, terms, val_batches, val_masks, fit=None):
@@ -52,7 +53,8 @@ class Engine:
         if val_batches is not None:
             def val_step(_, batch):
                 idx, mask = batch
-                return None, fit(self.problem.intensities(state, idx), measured[idx], mask)
+                return None, fit(self.problem.masked(self.problem.intensities(state, idx)),
+                                self.problem.masked(measured[idx]), mask)
 
             _, val = jax.lax.scan(val_step, None, (val_batches, val_masks))
             out["validation"] = jnp.mean(val)

@@ -118,6 +118,8 @@ class ProjectionEngine(Engine):
         far = jnp.fft.fft2(fwd["exit"], norm="ortho")
         model = _sum_modes(far.real**2 + far.imag**2)
         factor = self._far_field_factor(model, measured)
+        if self.problem.detector_mask is not None:  # a bad pixel keeps the model's far field
+            factor = jnp.where(self.problem.detector_mask > 0, factor, 1.0)
         chi = jnp.fft.ifft2(far * (factor[:, None] - 1.0), norm="ortho") * mask[:, None, None, None]
         return chi, model
 
@@ -215,9 +217,7 @@ class ProjectionEngine(Engine):
             fwd = self._forward(state, t, fixed, idx)
             meas = measured[idx]
             chi, model = self._project(fwd, meas, mask)
-            terms = {"single": single(model, meas, mask)}
-            for name in self.data_losses:
-                terms[name] = DATA_LOSSES[name](model, meas, mask)
+            terms = self.problem.data_terms(model, meas, mask, ["single"] + self.data_losses)
             state = self._update(state, fwd, chi, mask, idx, hyper["lr"])
             return (state, self._transmission(state)), terms
 
