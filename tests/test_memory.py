@@ -122,3 +122,25 @@ def test_estimate_is_close_above_the_measured_peak():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     ratio = result["peak_rss_MB"] / result["estimate_MB"]
     assert 0.6 < ratio < 1.05, result
+
+
+def test_on_an_accelerator_the_device_memory_is_checked():
+    est = memory.estimate([_shape(batch_size=512)], stored_detector_px=(64, 64))
+    roomy_host = memory.Available(host=int(100e9), device=int(0.2e9), source="test: GPU memory free")
+    with pytest.raises(memory.InsufficientMemory, match=r"estimated peak device memory [\d.]+ GB .* exceeds the "
+                                                        r"0.2 GB free \(test: GPU memory free\)"):
+        memory.check_fits(est, roomy_host)
+    memory.check_fits(est, memory.Available(host=int(100e9), device=int(100e9), source="big GPU"))  # fits
+
+
+class _FakeGPU:
+    device_kind = "fake GPU"
+
+    def memory_stats(self):
+        return {"bytes_limit": 8_000_000_000, "bytes_in_use": 3_000_000_000}
+
+
+def test_free_device_memory_comes_from_memory_stats():
+    available = memory.available_memory(_FakeGPU())
+    assert available.device == 5_000_000_000 and "fake GPU memory free" in available.source
+    assert memory.available_memory(jax.devices("cpu")[0]).device is None  # a CPU reports none: the host counts
