@@ -16,23 +16,24 @@ being killed by the kernel or Slurm after its data has loaded. The estimate coun
   and a few batch-sized FFT temporaries (``WORK_FACTOR`` waves);
 - the runtime: Python, JAX and the XLA compiler (``RUNTIME_BYTES``).
 
-Checked against measured peak RSS on CPU (gradient engine with Adam on object, probe and
-positions unless noted; 2 iterations), measured / estimated:
+Checked against the measured peak RSS (VmHWM) on CPU (gradient engine with Adam on object,
+probe and positions unless noted; 2 iterations), measured / estimated:
 
 =====================================================  ==========  ===========  =====
 case (scan, detector, probe modes, slices, batch)       measured    estimated    ratio
 =====================================================  ==========  ===========  =====
-``ptycore reconstruct`` 24², 64², 2, 6, 32               0.455 GB    0.544 GB     0.84
-``ptycore reconstruct`` 32², 96², 4, 8, 64               0.757 GB    0.834 GB     0.91
-``ptycore reconstruct`` 48², 128², 2, 4, 256             1.334 GB    1.402 GB     0.95
-``bench/reconstruct.py`` standard case (24², 64², 2, 6)  463 MiB     518 MiB      0.89
-``bench/reconstruct.py`` 48², 128², 2, 4, 256            1300 MiB    1337 MiB     0.97
-``bench/reconstruct.py --engine lsqml`` 48², 128², ...   1303 MiB    1332 MiB     0.98
-``bench/reconstruct.py --engine epie`` standard case     442 MiB     517 MiB      0.86
+``ptycore reconstruct`` 24², 64², 2, 6, 32               0.448 GB    0.544 GB     0.82
+``ptycore reconstruct`` 32², 96², 4, 8, 64               0.748 GB    0.834 GB     0.90
+``ptycore reconstruct`` 48², 128², 2, 4, 256             1.356 GB    1.402 GB     0.97
+``bench/reconstruct.py`` standard case (24², 64², 2, 6)  461 MiB     518 MiB      0.89
+``bench/reconstruct.py`` 48², 128², 2, 4, 256            1303 MiB    1337 MiB     0.97
+``bench/reconstruct.py --engine lsqml`` 48², 128², ...   1291 MiB    1332 MiB     0.97
+``bench/reconstruct.py --engine epie`` standard case     451 MiB     517 MiB      0.87
 =====================================================  ==========  ===========  =====
 
-so the estimate is 2-16 % above the peak (the runtime's share dominates small runs, the
-working set large ones). ``reconstruct`` records the estimate and the free memory in its
+so the estimate is 3-18 % above the peak (the runtime's share dominates small runs, the
+working set large ones). Not yet checked on a GPU, where the device part is compared with
+``memory_stats()``. ``reconstruct`` records the estimate and the free memory in its
 provenance (``memory_estimate``).
 
 Free memory: the host's available RAM (psutil if installed, else /proc/meminfo's

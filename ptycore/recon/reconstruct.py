@@ -50,6 +50,12 @@ def estimate_memory(stages, state, patterns_shape) -> memory.Estimate:
     return memory.estimate(shapes, stored_detector_px=patterns_shape[1:])
 
 
+def input_checksums(data_path, init_path) -> dict:
+    """What a checkpoint records of its inputs, and ``--resume`` compares: path and checksum of each."""
+    return {"data": {"path": str(data_path), "checksum": checksum(data_path)},
+            "init": {"path": str(init_path), "checksum": checksum(init_path)}}
+
+
 def _is_finished(out_path: Path, plan_hash: str, inputs: dict, stage_names: list[str]) -> bool:
     """Whether ``out_path`` is a result store of this plan's stages from these inputs."""
     try:
@@ -120,8 +126,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     stages = [plan.stage(stage)] if stage else list(plan.stages)
     state, pixel_A = load_state(init_path)
     patterns_shape = _stored_patterns_shape(data_path)
-    inputs = {"data": {"path": str(data_path), "checksum": checksum(data_path)},
-              "init": {"path": str(init_path), "checksum": checksum(init_path)}}
+    inputs = input_checksums(data_path, init_path)
     plan_hash = plan.hash()
     if resume and out_path.exists() and not overwrite:
         if _is_finished(out_path, plan_hash, inputs, [s.name for s in stages]):
