@@ -159,7 +159,8 @@ def test_unreadable_checkpoint_is_one_line(interrupted, stores, tmp_path, capsys
     rc = main(["reconstruct", *_args(stores), "--out", str(out), "--resume", "--quiet"])
     lines = _error_lines(capsys.readouterr().err)
     assert rc == 2 and len(lines) == 1, lines
-    assert f"{ckpt}: checkpoint is unreadable" in lines[0] and "remove it or run without --resume" in lines[0]
+    assert lines[0].startswith(f"ptycore reconstruct: error: {ckpt}: checkpoint is ") and \
+        "run without --resume" in lines[0], lines[0]  # unreadable (or damaged, when checked before the run)
     assert not out.exists()
 
 
