@@ -4,11 +4,13 @@
 Standard case (PtyRAD/phaser comparison): 24×24 scan, 0.4 Å step, 64×64 detector, 0.1424 Å
 pixels, 300 kV, 2 probe modes, 6 slices over 46.86 Å, batch 32, Adam on object, probe and
 positions. Reports s/iter (median, excluding the first), the first iteration (compile)
-time, compilations, and the peak RSS of this process.
+time, compilations, the peak RSS of this process and ``reconstruct``'s estimate of it
+(ptycore.recon.memory; the ratio measured / estimated is in that module's docstring).
 
     python bench/reconstruct.py                 # standard case
     python bench/reconstruct.py --modes 4 --slices 8
     python bench/reconstruct.py --engine lsqml  # ePIE/LSQML: object + probe (positions: --positions)
+    python bench/reconstruct.py --scan 48 --detector-px 128 --slices 4 --batch 256 --iterations 2
 """
 
 from __future__ import annotations
@@ -26,9 +28,23 @@ import numpy as np
 
 from ptycore.physics import Grid, make_mixed_probe, make_probe, object_shape_for
 from ptycore.plan import parse_plan
+from ptycore.recon import memory
 from ptycore.recon.context import Measurement
 from ptycore.recon.runner import run_stage
 from ptycore.recon.state import State
+
+
+def peak_rss_MB() -> float:
+    """This process's peak resident memory in MiB: VmHWM of /proc/self/status on Linux (the peak of
+    this program's own memory map; getrusage's ru_maxrss also keeps the peak of the process that
+    started this one, e.g. a large pytest, across fork and exec), else getrusage."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None):
@@ -68,6 +84,10 @@ def main(argv=None):
     plan = parse_plan({"stages": [{
         "name": "bench", "engine": args.engine, "iterations": args.iterations, "batch_size": args.batch,
         "grouping": "random", "optimize": optimize, "losses": {"single": 1.0}}]})
+    shapes = memory.stage_shapes(plan.stages, n_positions=len(pos), detector_px=(n, n),
+                                 state_shapes={"object": shape, "probe": probe.shape,
+                                               "slice_thickness_A": args.thickness_A / args.slices})
+    estimate = memory.estimate(shapes, stored_detector_px=(n, n))
     t0 = time.perf_counter()
     _, record = run_stage(plan.stages[0], 0, state, measurement, seed=0, plan_hash="bench", workdir=None,
                           progress=False)
@@ -81,7 +101,8 @@ def main(argv=None):
         "s_per_iter": statistics.median(per_iter[1:]) if len(per_iter) > 1 else per_iter[0],
         "first_iter_s": per_iter[0],
         "compilations": record.compilations,
-        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_MB": peak_rss_MB(),
+        "estimate_MB": estimate.total / 2**20,  # MiB, as peak_rss_MB
         "total_s": total,
     }
     if args.json:

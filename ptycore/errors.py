@@ -29,6 +29,19 @@ class MissingDependency(PtycoreError):
     """An optional extra (e.g. 'sim' for abTEM) is needed but not installed."""
 
 
+class Interrupted(PtycoreError):
+    """A run was stopped by a signal (SIGTERM from Slurm, Ctrl-C) after writing a checkpoint;
+    the exit code is 128 + the signal's number, as for a process the signal killed."""
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class InsufficientMemory(PtycoreError):
+    """A run's estimated peak memory exceeds what the host or device has free."""
+
+
 class StorageError(PtycoreError):
     """The file system refused a read or write (read-only, full, no permission, not a directory),
     or a stored chunk could not be decoded. Nothing was written; earlier outputs are untouched."""

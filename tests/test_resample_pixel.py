@@ -16,7 +16,7 @@ from ptycore.errors import InvalidData
 from ptycore.physics import Grid, Optics, intensities, make_probe
 from ptycore.plan import parse_plan
 from ptycore.recon.context import Measurement
-from ptycore.recon.reconstruct import check_compatible
+from ptycore.recon.reconstruct import check_compatible, input_checksums
 from ptycore.recon.runner import run_stage, stage_measurement
 from ptycore.recon.state import fourier_resample, resample_object_grid, resample_pixels, resample_probe_window
 
@@ -241,7 +241,8 @@ def test_resume_checkpoint_on_the_coarse_grid(one_call, synthetic):
     plan = parse_plan(yaml.safe_load((root / "plan.yaml").read_text()))
     killed = plan.stages[0].model_copy(update={"iterations": 4})
     run_stage(killed, 0, synthetic.flat_state(), synthetic.measurement, seed=plan.seed, plan_hash=plan.hash(),
-              workdir=root / "resumed.zarr.partial", progress=False)
+              workdir=root / "resumed.zarr.partial", progress=False,
+              inputs=input_checksums(root / "prepared.zarr", root / "init.zarr"))
     assert (root / "resumed.zarr.partial" / "checkpoints" / "coarse.npz").exists()
     assert main(["reconstruct", *common, "--init", str(root / "init.zarr"), "--out", str(out), "--resume"]) == 0
     resumed, everything = zarr.open_group(str(out)), zarr.open_group(str(root / "all.zarr"))

@@ -1,6 +1,6 @@
 """profiles/slurm against a real Slurm: the tiny workflow-test DAG submitted as Slurm jobs.
 
-Needs a running cluster: `bash ../shared/ci/local_slurm.sh` starts a single-node one (partitions
+Needs a running cluster: `bash .ci/local_slurm.sh` (as root) starts a single-node one (partitions
 `debug` and `gpu`, account `ci`, a fake GPU). The profile used is a CI copy of profiles/slurm that
 changes only the account, the partitions and the status-check waits. Skipped when `sinfo` does
 not answer.
@@ -18,7 +18,7 @@ from test_workflow import ROOT, TEST_CONFIG, job_counts, missing_verbs, snakemak
 
 pytestmark = pytest.mark.slurm
 
-#: what the CI copy of profiles/slurm changes (see ../shared/ci/README.md)
+#: what the CI copy of profiles/slurm changes (the cluster .ci/local_slurm.sh starts)
 CI_OVERRIDES = {
     "default-resources": {"slurm_account": "ci", "slurm_partition": "debug"},
     "set-resources": {"reconstruct": {"slurm_partition": "gpu"}},
@@ -39,7 +39,7 @@ def _slurm_answers() -> bool:
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     if not _slurm_answers():
-        pytest.skip("no Slurm cluster answers (start one with: bash ../shared/ci/local_slurm.sh)")
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
     if missing_verbs():
         pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")

@@ -1,4 +1,8 @@
-"""``ptycore reconstruct``: run a plan's stages on a prepared dataset, write one result store."""
+"""``ptycore reconstruct``: run a plan's stages on a prepared dataset, write one result store.
+
+Exit codes: 0 done, 2 bad input (or an estimated peak memory that does not fit), 3 diverged,
+128 + signal number when SIGTERM/SIGINT stopped it after writing a checkpoint (resume with
+``--resume``)."""
 
 from __future__ import annotations
 
@@ -14,10 +18,16 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="result store to write (zarr v3)")
     p.add_argument("--stage", help="run only this stage (default: all stages in order)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in <out>.partial (a damaged checkpoint is refused, naming it)")
+                   help="continue from the checkpoints in <out>.partial (written every checkpoint_every iterations "
+                        "and on SIGTERM/SIGINT; a damaged checkpoint is refused, naming it); starts from scratch if "
+                        "there are none, and does nothing if <out> already holds this plan's result from the same "
+                        "inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result store")
     p.add_argument("--seed", type=int, help="override the plan's seed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="memory the run may use, instead of the free memory detected (device memory on a GPU): "
+                        "the run is refused before it starts if its estimated peak is larger")
 
 
 def check_checkpoints(out) -> None:
@@ -47,13 +57,19 @@ def check_checkpoints(out) -> None:
 
 
 def run(args) -> int:
+    from ptycore.errors import InvalidArgument
     from ptycore.recon.reconstruct import reconstruct
 
+    if args.max_memory_gb is not None and not args.max_memory_gb > 0:
+        raise InvalidArgument(f"--max-memory-gb must be > 0, got {args.max_memory_gb}")
     if args.resume:
         check_checkpoints(args.out)
 
     out = reconstruct(plan_path=args.plan, data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                      progress=not args.quiet)
-    print(f"wrote {Path(out)}")
+                      progress=not args.quiet, max_memory_gb=args.max_memory_gb)
+    if out.already_complete:
+        print(f"{Path(out.path)} is already complete (same plan and inputs); nothing to resume")
+    else:
+        print(f"wrote {Path(out.path)}")
     return 0

@@ -1,20 +1,70 @@
-"""Run a plan end to end: validate everything, run stages, write the result store atomically."""
+"""Run a plan end to end: validate everything, run stages, write the result store atomically.
+
+Before any compute: the plan, data and init are validated, the inputs are checksummed (the
+checkpoints and the provenance record them), and the peak memory is estimated
+(:mod:`ptycore.recon.memory`) and refused if it cannot fit. ``resume=True`` continues from
+the checkpoints in ``<out>.partial`` (from scratch where there are none); when ``<out>``
+already exists it is accepted as done if it was made by the same plan from the same inputs,
+and refused otherwise.
+"""
 
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from ptycore.errors import InvalidData
+from ptycore.errors import InvalidArgument, InvalidData, PtycoreError
 from ptycore.plan import load_plan
+from ptycore.recon import memory
 from ptycore.recon.context import load_measurement
-from ptycore.recon.runner import check_stage_detector, run_stage
+from ptycore.recon.runner import StopSignals, check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
 from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
+
+
+class Outcome(NamedTuple):
+    path: Path
+    already_complete: bool = False  # --resume found the finished result of this plan and these inputs
+
+
+def _stored_patterns_shape(data_path) -> tuple[int, ...] | None:
+    """The prepared store's patterns shape from its metadata (nothing is loaded), or None when
+    it is not readable: ``load_measurement`` then reports what is wrong."""
+    try:
+        return tuple(int(n) for n in open_store(data_path)["patterns"].shape)
+    except (PtycoreError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def estimate_memory(stages, state, patterns_shape) -> memory.Estimate:
+    """The run's peak memory from the data's and the init's shapes (see ptycore.recon.memory)."""
+    shapes = memory.stage_shapes(stages, n_positions=patterns_shape[0], detector_px=patterns_shape[1:],
+                                 state_shapes={"object": state.object_phase.shape, "probe": state.probe.shape,
+                                               "slice_thickness_A": float(state.slice_thickness_A)})
+    return memory.estimate(shapes, stored_detector_px=patterns_shape[1:])
+
+
+def input_checksums(data_path, init_path) -> dict:
+    """What a checkpoint records of its inputs, and ``--resume`` compares: path and checksum of each."""
+    return {"data": {"path": str(data_path), "checksum": checksum(data_path)},
+            "init": {"path": str(init_path), "checksum": checksum(init_path)}}
+
+
+def _is_finished(out_path: Path, plan_hash: str, inputs: dict, stage_names: list[str]) -> bool:
+    """Whether ``out_path`` is a result store of this plan's stages from these inputs."""
+    try:
+        prov = dict(open_store(out_path).attrs).get("provenance") or {}
+    except PtycoreError:
+        return False
+    recorded = sorted((prov.get("inputs") or {}).values())
+    return (prov.get("plan_hash") == plan_hash and prov.get("stages_run") == stage_names
+            and recorded == sorted(v["checksum"] for v in inputs.values()))
 
 
 def check_compatible(state, init_pixel_A: float, measurement, init_path, data_path) -> None:
@@ -67,24 +117,37 @@ def write_history(group, records, previous_stages=(), previous=None) -> None:
 
 
 def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
-                seed=None, progress=True, on_iteration=None) -> Path:
+                seed=None, progress=True, max_memory_gb=None, on_iteration=None) -> Outcome:
     """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run."""
     started = now_iso()
+    out_path = Path(out_path)
     plan = load_plan(plan_path)
     if seed is not None:
         plan = plan.model_copy(update={"seed": seed})
     stages = [plan.stage(stage)] if stage else list(plan.stages)
-    measurement = load_measurement(data_path)
     state, pixel_A = load_state(init_path)
+    patterns_shape = _stored_patterns_shape(data_path)
+    inputs = input_checksums(data_path, init_path)
+    plan_hash = plan.hash()
+    if resume and out_path.exists() and not overwrite:
+        if _is_finished(out_path, plan_hash, inputs, [s.name for s in stages]):
+            return Outcome(out_path, already_complete=True)
+        raise InvalidArgument(f"{out_path}: output already exists and was not made by this plan from these "
+                              "inputs (remove it or pass --overwrite)")
+    estimate = available = None
+    if patterns_shape is not None and len(patterns_shape) == 3:  # before loading anything large
+        estimate = estimate_memory(stages, state, patterns_shape)
+        available = memory.available_memory(jax.devices()[0])
+        memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
+    measurement = load_measurement(data_path)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
     init_group = open_store(init_path)
     init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
-    plan_hash = plan.hash()
     records = []
-    with atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
+    with StopSignals() as stop, atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         done = 0  # iterations of the stages before this one (for on_iteration)
@@ -92,9 +155,11 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
             index = plan.stages.index(stage_cfg)
             hook = None if on_iteration is None else (lambda it, s, offset=done: on_iteration(offset + it, s))
             state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
-                                      workdir=tmp, resume=resume, progress=progress, on_iteration=hook)
+                                      workdir=tmp, resume=resume, progress=progress, inputs=inputs, stop=stop,
+                                      on_iteration=hook)
             done += stage_cfg.iterations
             records.append(record)
+        # a signal from here on waits: writing the result takes seconds, and the run is then done
         group = create_store(tmp / "result.zarr.tmp")
         write_state(group, state)
         write_history(group, records, previous_stages, previous_history)
@@ -107,7 +172,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                 plan=plan.resolved(),
                 plan_hash=plan_hash,
                 stages_run=[r.name for r in records],
-                inputs={str(data_path): checksum(data_path), str(init_path): checksum(init_path)},
+                inputs={v["path"]: v["checksum"] for v in inputs.values()},
                 upstream=init_attrs.get("provenance"),
                 device_kind=device.device_kind,
                 platform=device.platform,
@@ -122,13 +187,18 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                 stage_grids={r.name: {"pixel_size_A": r.pixel_size_A, "detector_px": list(r.detector_px)}
                              for r in records},
                 compilations=sum(r.compilations for r in records),
+                memory_estimate=None if estimate is None else {
+                    **estimate.as_record(),
+                    "host_free_GB": None if available.host is None else round(available.host / memory.GB, 3),
+                    "device_free_GB": None if available.device is None else round(available.device / memory.GB, 3),
+                    "max_memory_gb": max_memory_gb},
             ),
         })
         # the store is the output: move it up, drop the checkpoints
-        import shutil
-
         final = tmp.with_name(tmp.name + ".store")
+        if final.exists():  # left by a run killed at this very step
+            shutil.rmtree(final)
         shutil.move(str(tmp / "result.zarr.tmp"), final)
         shutil.rmtree(tmp)
         final.rename(tmp)
-    return Path(out_path)
+    return Outcome(out_path)
