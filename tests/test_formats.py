@@ -335,17 +335,22 @@ def test_dm_stemx_scan_first_with_its_tags(tmp_path, version):
     assert sources["convergence_mrad"] == str(meta)
 
 
-@pytest.mark.parametrize("told_by", ["units", "tag"])
+@pytest.mark.parametrize("told_by", ["units", "scan units", "tag"])
 def test_dm_diffraction_si_detector_first(tmp_path, told_by):
     """The older layout (DigiScan diffraction SI): DM lists the scan first, so the array is
     (ky, kx, scan_y, scan_x); rosettasciio alone shows the scan as the signal. Told apart by the
-    calibrations, or by ``Data Order Swapped`` = 0 where they are missing."""
+    calibrations (of both pairs of axes, or of one), or by ``Data Order Swapped`` = 0 where they
+    are missing."""
     scan = counts((4, 3, 8, 6), seed=8)
     stored = np.ascontiguousarray(scan.transpose(2, 3, 0, 1))
     if told_by == "units":
         calibrations = [(0.0, 0.5, "mrad"), (0.0, 0.5, "mrad"), (0.0, 0.04, "nm"), (0.0, 0.06, "nm")]
         tags = dict(DM_TAGS, Acquisition={"Parameters": {"Detector": {"exposure (s)": 0.002}}})
         meta = meta_yaml(tmp_path, convergence_mrad=1)
+    elif told_by == "scan units":
+        calibrations = [(0.0, 1.0, ""), (0.0, 1.0, ""), (0.0, 40.0, "pm"), (0.0, 60.0, "pm")]
+        tags = DM_TAGS
+        meta = meta_yaml(tmp_path, convergence_mrad=1, detector_pixel_mrad=0.5)
     else:
         calibrations = [(0.0, 1.0, "")] * 4
         tags = dict(DM_TAGS, **{"Meta Data": {"Data Order Swapped": 0}})
@@ -356,6 +361,8 @@ def test_dm_diffraction_si_detector_first(tmp_path, told_by):
     md = group.attrs["metadata"]
     assert md["scan_shape"] == [4, 3] and md["scan_step_A"] == pytest.approx([0.4, 0.6])
     assert md["detector_pixel_mrad"] == pytest.approx(0.5)
+    if told_by != "tag":
+        assert group.attrs["provenance"]["metadata_sources"]["scan_step_A"] == f"header of {dm}"
     if told_by == "units":
         assert md["exposure_s"] == pytest.approx(2e-3)  # tag "exposure (s)", mapped by rosettasciio as exposure_s
         assert group.attrs["provenance"]["metadata_sources"]["scan_shape"] == f"header of {dm}"
@@ -451,3 +458,18 @@ def test_velox_scan_size_that_does_not_fit_the_frames(tmp_path, capsys):
                    ["scan_shape: required key is missing", f"not in the header of {emd}"])
     group = ingest(tmp_path, emd, meta_yaml(tmp_path, scan_shape=[2, 3], scan_step_A=[1, 1]), name="ok.zarr")
     np.testing.assert_array_equal(group["patterns"][...], frames)
+
+
+@pytest.mark.parametrize(("units", "pixel_invA"), [("1 / µm", 2e-4), ("nm^-1", 0.2), ("1/Å", 2.0), ("nm**-1", 0.2)])
+def test_calibration_units_as_readers_spell_them(units, pixel_invA):
+    """rosettasciio spells a reciprocal length as pint compacts it (Velox: "1 / µm" for a small
+    pixel); every spelling is converted, and a unit of another kind is not taken as one."""
+    from ptycore.data.formats import header_from_axes
+
+    axes = [{"size": 4, "scale": 50.0, "units": "pm"}, {"size": 3, "scale": 0.05, "units": "nm"},
+            {"size": 8, "scale": 2.0, "units": units}, {"size": 6, "scale": 2.0, "units": units}]
+    header = header_from_axes(axes, 4)
+    assert header["scan_shape"] == [4, 3] and header["scan_step_A"] == pytest.approx([0.5, 0.5])
+    assert header["detector_pixel_invA"] == pytest.approx(pixel_invA)
+    seconds = header_from_axes(axes[:2] + [dict(a, units="s") for a in axes[2:]], 4)
+    assert "detector_pixel_invA" not in seconds and "detector_pixel_mrad" not in seconds

@@ -466,11 +466,11 @@ DM_DETECTOR_FIRST = ("ky", "kx", "scan_y", "scan_x")
 
 def dm_layout(signal: dict) -> tuple[str, ...] | None:
     """The axis order of a 4-D DM image. GMS writes two layouts: with the tag ``Meta Data.Data
-    Order Swapped`` = 1 (STEMx, GMS >= 3.4) the diffraction pattern is the fastest
-    dimension, i.e. (scan_y, scan_x, ky, kx) here; older files (DigiScan diffraction SI) list the
+    Order Swapped`` = 1 (STEMx) the diffraction pattern is the fastest
+    dimension, i.e. (scan_y, scan_x, ky, kx) here; older files (e.g. a DigiScan diffraction SI) list the
     scan first, i.e. (ky, kx, scan_y, scan_x) here, where rosettasciio shows the scan as the
-    signal. The tag decides where present, else the calibrated units (lengths = scan; angles or
-    reciprocal lengths = detector); None when neither tells."""
+    signal. The tag decides where present, else the calibrated units of either pair of axes
+    (lengths = scan; angles or reciprocal lengths = detector); None when neither tells."""
     tags = _walk(signal.get("original_metadata") or {}, "ImageList.TagGroup0.ImageTags") or {}
     swapped = _walk(tags, "Meta Data.Data Order Swapped")
     if swapped is not None:
@@ -479,10 +479,13 @@ def dm_layout(signal: dict) -> tuple[str, ...] | None:
         except (TypeError, ValueError):
             pass
     kinds = [axis_kind(a) for a in signal.get("axes") or []]
-    if kinds == ["scan", "scan", "detector", "detector"]:
-        return DM_SCAN_FIRST
-    if kinds == ["detector", "detector", "scan", "scan"]:
-        return DM_DETECTOR_FIRST
+    if len(kinds) != 4:
+        return None
+    first, last = set(kinds[:2]), set(kinds[2:])
+    scan_first = first == {"scan"} or last == {"detector"}
+    detector_first = first == {"detector"} or last == {"scan"}
+    if scan_first != detector_first:  # one pair calibrated is enough; a contradiction tells nothing
+        return DM_SCAN_FIRST if scan_first else DM_DETECTOR_FIRST
     return None
 
 
