@@ -16,7 +16,11 @@ def add_arguments(p):
 def run(args) -> int:
     from ptycore.data.initialize import initialize
 
+    import sys
+
     summary = initialize(args.data, args.config, args.out, overwrite=args.overwrite)
+    for line in summary["warnings"]:
+        print(f"ptycore init: warning: {line}", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {summary['out']}: object {summary['object_shape']}, probe {summary['probe_shape']} of "
               f"{summary['mean_counts']:.4g} counts, pixel {summary['pixel_size_A']:.4g} Å, slice "

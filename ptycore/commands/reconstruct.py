@@ -12,7 +12,9 @@ HELP = "run a reconstruction plan (all stages, or one with --stage) and write a 
 
 
 def add_arguments(p):
-    p.add_argument("--plan", required=True, help="plan YAML (see config/plans/)")
+    p.add_argument("--plan", default="default",
+                   help="plan YAML, or the name of a shipped plan ('ptycore plans' lists them); default: 'default', "
+                        "the adaptive plan (slices, probe modes, steps and iterations from the data's metadata)")
     p.add_argument("--data", required=True, help="prepared.zarr from 'ptycore preprocess'")
     p.add_argument("--init", required=True, help="init.zarr from 'ptycore init', or a previous stage's result store")
     p.add_argument("--out", required=True, help="result store to write (zarr v3)")
@@ -65,7 +67,9 @@ def run(args) -> int:
     if args.resume:
         check_checkpoints(args.out)
 
-    out = reconstruct(plan_path=args.plan, data_path=args.data, init_path=args.init, out_path=args.out,
+    from ptycore.commands.plans import plan_path
+
+    out = reconstruct(plan_path=plan_path(args.plan), data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                       progress=not args.quiet, max_memory_gb=args.max_memory_gb)
     if out.already_complete:
