@@ -50,16 +50,18 @@ def dataset(out: Path, cells: int, kv: int, dose: float, defocus: float, scan: i
 
 
 def measure(d: Path, plan: str) -> dict:
-    result = d / f"{plan}.json"
+    """One plan (a shipped name or a YAML path) on one dataset: SSIM, iterations, seconds."""
+    name = Path(plan).stem
+    result = d / f"{name}.json"
     if result.exists():
         return json.loads(result.read_text())
     t0 = time.perf_counter()
     run(["reconstruct", "--plan", plan, "--data", str(d / "prepared.zarr"), "--init", str(d / "init.zarr"),
-         "--out", str(d / f"{plan}.zarr"), "--overwrite", "--quiet"])
+         "--out", str(d / f"{name}.zarr"), "--overwrite", "--quiet"])
     seconds = time.perf_counter() - t0
-    run(["evaluate", "--result", str(d / f"{plan}.zarr"), "--truth", str(d / "sim/truth.zarr"), "--init",
-         str(d / "init.zarr"), "--out", str(d / f"eval-{plan}"), "--no-figures", "--quiet", "--overwrite"])
-    metrics = json.loads((d / f"eval-{plan}" / "metrics.json").read_text())
+    run(["evaluate", "--result", str(d / f"{name}.zarr"), "--truth", str(d / "sim/truth.zarr"), "--init",
+         str(d / "init.zarr"), "--out", str(d / f"eval-{name}"), "--no-figures", "--quiet", "--overwrite"])
+    metrics = json.loads((d / f"eval-{name}" / "metrics.json").read_text())
     record = {"ssim": metrics["ssim_phase_sum"], "iterations": metrics["iterations"], "seconds": round(seconds, 1)}
     result.write_text(json.dumps(record))
     return record
@@ -85,11 +87,10 @@ def main_(argv=None) -> int:
             row["plans"][plan] = measure(d, plan)
             print(f"{row['data']}  {plan}: {row['plans'][plan]}", flush=True)
         rows.append(row)
-    header = "| data | " + " | ".join(args.plans) + " |"
+    header = "| data | " + " | ".join(Path(p).stem for p in args.plans) + " |"
     lines = [header, "|" + "---|" * (len(args.plans) + 1)]
     for row in rows:
-        cells = [f"{row['plans'][p]['ssim']:.3f} ({row['plans'][p]['iterations']} it, {row['plans'][p]['seconds']:.0f} s)"
-                 if p in row["plans"] else "—" for p in args.plans]
+        cells = [_cell(row["plans"].get(p)) for p in args.plans]
         lines.append(f"| {row['data']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
@@ -97,6 +98,10 @@ def main_(argv=None) -> int:
     (args.out / "plans.json").write_text(json.dumps(rows, indent=1))
     _figure(rows, args.plans, args.out / "plans.png")
     return 0
+
+
+def _cell(m: dict | None) -> str:
+    return "—" if m is None else f"{m['ssim']:.3f} ({m['iterations']} it, {m['seconds']:.0f} s)"
 
 
 def _figure(rows, plans, path: Path) -> None:

@@ -32,6 +32,11 @@ A parameter's ``start`` may not lie beyond the stage's ``iterations`` (``start``
 ``iterations`` keeps it fixed), some data-fit loss (single, poisson, anscombe) must have a
 non-zero weight, and no number may be NaN.
 
+``for:`` (top level) says what data the plan is for (``ptycore plans`` shows it). Fields may be
+``auto`` or ``"= expression"``: rules resolved from the prepared data when ``ptycore reconstruct``
+starts (see :mod:`ptycore.recon.autoplan`); such a plan is validated as resolved for nominal data
+and ``plan.resolve(facts)`` gives the plan for a dataset.
+
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
 
@@ -49,9 +54,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
-    PrivateAttr,
     field_validator,
     model_serializer,
     model_validator,

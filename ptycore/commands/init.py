@@ -14,9 +14,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ptycore.data.initialize import initialize
-
     import sys
+
+    from ptycore.data.initialize import initialize
 
     summary = initialize(args.data, args.config, args.out, overwrite=args.overwrite)
     for line in summary["warnings"]:

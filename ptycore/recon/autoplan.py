@@ -304,7 +304,7 @@ def _rule_text(key: str, facts: DataFacts, value) -> str:
     dof = depth_of_field_A(facts.energy_kv, facts.convergence_mrad)
     if key == "slices":
         if facts.thickness_A is None:
-            return f"{value} (thickness unknown)"
+            return f"{value} (the sample thickness is unknown: a single slice; give thickness_A for more)"
         return (f"{value} (thickness {facts.thickness_A:.4g} Å / slice bound {bound:.3g} Å = min(λ/α² / 2 = "
                 f"{dof / 2:.3g}, {STRONG_SCATTERING_SLICE_A:g}))")
     if key == "slice_thickness_A":
@@ -329,7 +329,8 @@ def _no_rules_left(record, source, path=""):
 
 
 # ---------------------------------------------------------------- physics checks
-def physics_warnings(facts: DataFacts, *, slices: int | None = None, slice_thickness_A: float | None = None) -> list[str]:
+def physics_warnings(facts: DataFacts, *, slices: int | None = None,
+                     slice_thickness_A: float | None = None) -> list[str]:
     """One line each, with the numbers: slices too thick for the stated thickness, a probe that
     does not fit its window at this defocus, a scan overlap too low."""
     out = []
