@@ -10,7 +10,7 @@ def add_arguments(p):
     p.add_argument("--config", help="init YAML (see config/init/); default: aperture probe, 1 mode, 1 slice")
     p.add_argument("--out", required=True, help="output store (zarr v3, the result-store layout), written atomically")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
-    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.add_argument("--quiet", action="store_true", help="no summary, no physics warnings")
 
 
 def run(args) -> int:
@@ -19,7 +19,7 @@ def run(args) -> int:
     from ptycore.data.initialize import initialize
 
     summary = initialize(args.data, args.config, args.out, overwrite=args.overwrite)
-    for line in summary["warnings"]:
+    for line in [] if args.quiet else summary["warnings"]:
         print(f"ptycore init: warning: {line}", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {summary['out']}: object {summary['object_shape']}, probe {summary['probe_shape']} of "
