@@ -57,7 +57,7 @@ def run(args) -> int:
         width = max((len(p.stem) for p in paths), default=4)
         for path in paths:
             plan = load_plan(path)
-            auto = " [adaptive]" if plan.adaptive else ""
+            auto = " [adaptive: stages below resolved for 6 u.c. SrTiO3, 300 kV, 1e6 e/Å²]" if plan.adaptive else ""
             print(f"{plan.name:<{width}}  {plan.for_ or '(no for: given)'}{auto}")
             print(f"{'':<{width}}  stages: {'; '.join(_stage_line(s) for s in plan.stages)}")
         return 0
