@@ -699,6 +699,8 @@ def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, data
     warnings: list[str] = []
     if rec.phase.shape[0] > 1:
         warnings.append(f"{rec.phase.shape[0]} object modes: the first is evaluated")
+    autoplan = rec.provenance.get("autoplan") or {}  # the data notes and physics warnings of reconstruct
+    warnings += [str(w) for w in (autoplan.get("data_notes") or []) + (autoplan.get("warnings") or [])]
     metrics: dict = {k: None for k in METRICS_SCHEMA}
     metrics.update({
         "schema_version": SCHEMA_VERSION,

@@ -32,6 +32,11 @@ A parameter's ``start`` may not lie beyond the stage's ``iterations`` (``start``
 ``iterations`` keeps it fixed), some data-fit loss (single, poisson, anscombe) must have a
 non-zero weight, and no number may be NaN.
 
+``for:`` (top level) says what data the plan is for (``ptycore plans`` shows it). Fields may be
+``auto`` or ``"= expression"``: rules resolved from the prepared data when ``ptycore reconstruct``
+starts (see :mod:`ptycore.recon.autoplan`); such a plan is validated as resolved for nominal data
+and ``plan.resolve(facts)`` gives the plan for a dataset.
+
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
 
@@ -49,6 +54,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -421,9 +427,15 @@ Stage = create_model(
 
 
 class Plan(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     name: str = "plan"
+    for_: str | None = Field(default=None, alias="for", description="what data this plan is for (ptycore plans)")
     seed: int = 0
     stages: list[Stage] = Field(min_length=1)
+    #: the plan as written, when it has ``auto`` fields or expressions (see ptycore.recon.autoplan)
+    _rules: dict | None = PrivateAttr(default=None)
+    _source: str = PrivateAttr(default="plan")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -439,8 +451,24 @@ class Plan(_Strict):
                 return s
         raise InvalidPlan(f"no stage named {name!r} (stages: {', '.join(s.name for s in self.stages)})")
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether fields are rules (``auto``, ``= ...``) resolved from the data: this plan's own
+        numbers are then those of the nominal data (ptycore.recon.autoplan.NOMINAL)."""
+        return self._rules is not None
+
+    def resolve(self, facts) -> tuple[Plan, list[str]]:
+        """The plan for data with these facts (``autoplan.DataFacts``) and a note per rule; a plan
+        without rules is returned as it is."""
+        if self._rules is None:
+            return self, []
+        from ptycore.recon.autoplan import resolve_record
+
+        record, notes = resolve_record(self._rules, facts, self._source)
+        return _validate(record, self._source), notes
+
     def resolved(self) -> dict:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
     def hash(self) -> str:
         return "sha256:" + hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
@@ -477,13 +505,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {_loc(first['loc'])}: {msg}"
 
 
-def parse_plan(record: Any, source: str = "plan") -> Plan:
-    if not isinstance(record, dict):
-        raise InvalidPlan(f"{source}: a plan is a mapping with 'stages', got {type(record).__name__}")
+def _validate(record: dict, source: str) -> Plan:
     try:
         return Plan.model_validate(record)
     except ValidationError as err:
         raise InvalidPlan(format_validation_error(err, source)) from None
+
+
+def parse_plan(record: Any, source: str = "plan") -> Plan:
+    """A validated plan. One with ``auto`` fields or ``= expressions`` is checked as resolved
+    for the nominal data (``autoplan.NOMINAL``) and keeps its rules: ``plan.resolve(facts)``
+    gives the plan for a dataset (``ptycore reconstruct`` does that)."""
+    if not isinstance(record, dict):
+        raise InvalidPlan(f"{source}: a plan is a mapping with 'stages', got {type(record).__name__}")
+    from ptycore.recon.autoplan import NOMINAL, has_rules, resolve_record
+
+    if not has_rules(record):
+        return _validate(record, source)
+    plan = _validate(resolve_record(record, NOMINAL, source)[0], source)
+    plan._rules, plan._source = record, source
+    return plan
 
 
 def load_plan(path: str | Path) -> Plan:

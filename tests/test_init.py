@@ -185,8 +185,9 @@ def test_unknown_thickness_refused(tmp_path, capsys):
                        ("preprocess", ["--data", str(tmp_path / "data.zarr"), "--out", str(tmp_path / "prep.zarr")])]:
         assert main([verb, *argv, "--quiet"]) == 0
     out = tmp_path / "init.zarr"
-    assert_refused(capsys, ["init", "--data", str(tmp_path / "prep.zarr"), "--out", str(out)], out,
-                   [tmp_path / "prep.zarr"], ["prep.zarr", "thickness is unknown", "thickness_A"])
+    cfg = write_meta(tmp_path / "init.yaml", {"slices": 4})  # one slice starts anyway (tests/test_autoplan.py)
+    assert_refused(capsys, ["init", "--data", str(tmp_path / "prep.zarr"), "--config", str(cfg), "--out", str(out)],
+                   out, [tmp_path / "prep.zarr"], ["prep.zarr", "thickness is unknown", "thickness_A"])
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "config" / "init").glob("*.yaml")))

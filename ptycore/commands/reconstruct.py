@@ -12,7 +12,9 @@ HELP = "run a reconstruction plan (all stages, or one with --stage) and write a 
 
 
 def add_arguments(p):
-    p.add_argument("--plan", required=True, help="plan YAML (see config/plans/)")
+    p.add_argument("--plan", default="default",
+                   help="plan YAML, or the name of a shipped plan ('ptycore plans' lists them); default: 'default', "
+                        "the adaptive plan (slices, probe modes, steps and iterations from the data's metadata)")
     p.add_argument("--data", required=True, help="prepared.zarr from 'ptycore preprocess'")
     p.add_argument("--init", required=True, help="init.zarr from 'ptycore init', or a previous stage's result store")
     p.add_argument("--out", required=True, help="result store to write (zarr v3)")
@@ -24,7 +26,8 @@ def add_arguments(p):
                         "inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result store")
     p.add_argument("--seed", type=int, help="override the plan's seed")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output, no physics warnings (they are in the provenance and the report)")
     p.add_argument("--max-memory-gb", type=float, metavar="GB",
                    help="memory the run may use, instead of the free memory detected (device memory on a GPU): "
                         "the run is refused before it starts if its estimated peak is larger")
@@ -65,9 +68,12 @@ def run(args) -> int:
     if args.resume:
         check_checkpoints(args.out)
 
-    out = reconstruct(plan_path=args.plan, data_path=args.data, init_path=args.init, out_path=args.out,
+    from ptycore.commands.plans import plan_path
+
+    out = reconstruct(plan_path=plan_path(args.plan), data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                      progress=not args.quiet, max_memory_gb=args.max_memory_gb)
+                      progress=not args.quiet, max_memory_gb=args.max_memory_gb,
+                      **({"on_warning": None} if args.quiet else {}))
     if out.already_complete:
         print(f"{Path(out.path)} is already complete (same plan and inputs); nothing to resume")
     else:

@@ -228,16 +228,26 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
                                   f"{source['object_phase'].shape[0]} object modes of {src_path}")
 
     # slice thickness: config, else thickness (config, metadata, previous result) / slices
+    notes: list[str] = []
     if config.slice_thickness_A is not None:
         slice_thickness = config.slice_thickness_A
+        thickness = slice_thickness * config.slices
     else:
         thickness = config.thickness_A or meta.thickness_A
         if thickness is None and source is not None:
             thickness = float(np.asarray(source["slice_thickness_A"][...])) * source["object_phase"].shape[1]
-        if thickness is None or not thickness > 0:
+        if (thickness is None or not thickness > 0) and config.slices > 1:
             raise InvalidData(f"{data}: the sample thickness is unknown: give thickness_A in the acquisition "
                               f"metadata, or thickness_A or slice_thickness_A in {cfg}")
-        slice_thickness = thickness / config.slices
+        if thickness is None or not thickness > 0:  # one slice: its thickness does not enter the model
+            from ptycore.recon.autoplan import depth_of_field_A
+
+            thickness = None
+            slice_thickness = depth_of_field_A(meta.energy_kv, meta.convergence_mrad)
+            notes.append(f"the sample thickness is unknown (no thickness_A in the metadata or {cfg}): a single-slice "
+                         f"start, its nominal thickness the depth of field λ/α² = {slice_thickness:.3g} Å")
+        else:
+            slice_thickness = thickness / config.slices
 
     # positions in the object frame
     nominal = positions @ np.asarray(config.affine, np.float64).T if config.affine is not None else positions
@@ -310,6 +320,7 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
         inputs[str(config.from_result)] = checksum(config.from_result)
     resolved = {**config.model_dump(mode="json"), "slice_thickness_A": slice_thickness, "defocus_A": defocus,
                 "aberrations": aberrations}
+    notes += init_warnings(meta, pixel, ky, defocus, config.slices, slice_thickness, thickness)
     with atomic_output(out, overwrite=overwrite) as tmp:
         store = create_store(tmp)
         obj_chunks = (1, 1) + tuple(min(s, 512) for s in shape)
@@ -329,6 +340,7 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
             "wavelength_A": attrs.get("wavelength_A"),
             "detector_shape": [ky, kx],
             "mean_counts": mean_counts,
+            "thickness_A": None if thickness is None else float(thickness),
             "metadata": dict(attrs["metadata"]),
             "init": {**resolved, **object_note},
             "provenance": provenance(verb="init", inputs=inputs, config=resolved, object=object_note,
@@ -336,4 +348,17 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
         })
     return {"out": out, "object_shape": (phase.shape[0], phase.shape[1]) + tuple(shape),
             "probe_shape": tuple(probe.shape), "pixel_size_A": pixel, "slice_thickness_A": slice_thickness,
-            "mean_counts": mean_counts}
+            "mean_counts": mean_counts, "warnings": notes}
+
+
+def init_warnings(meta, pixel_size_A: float, detector_px: int, defocus_A: float, slices: int,
+                  slice_thickness_A: float, thickness_A: float | None) -> list[str]:
+    """The physics checks of ptycore.recon.autoplan for this init: slices too thick for the
+    stated thickness, a probe that does not fit its window at this defocus, a low scan overlap."""
+    from ptycore.recon.autoplan import DataFacts, physics_warnings
+
+    facts = DataFacts(energy_kv=meta.energy_kv, convergence_mrad=meta.convergence_mrad, defocus_A=defocus_A,
+                      thickness_A=thickness_A, dose_e_per_A2=meta.dose_e_per_A2 or 1.0,
+                      scan_step_A=max(meta.scan_step_A), pixel_size_A=pixel_size_A, detector_px=detector_px,
+                      n_positions=1)
+    return physics_warnings(facts, slices=slices if thickness_A else None, slice_thickness_A=slice_thickness_A)

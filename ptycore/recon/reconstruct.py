@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -116,16 +117,45 @@ def write_history(group, records, previous_stages=(), previous=None) -> None:
         write_array(group, f"history/{term}", np.asarray(rows, np.float32))
 
 
+def _print_warning(line: str) -> None:
+    print(f"ptycore reconstruct: warning: {line}", file=sys.stderr, flush=True)
+
+
+def resolve_plan(plan, data_path, init_path, state):
+    """The plan for this data (its ``auto`` fields and expressions resolved, see
+    ptycore.recon.autoplan), the facts, the rules' notes and the physics warnings."""
+    from ptycore.recon import autoplan
+
+    try:
+        data_attrs = dict(open_store(data_path).attrs)
+    except PtycoreError:
+        if plan.adaptive:
+            raise
+        return plan, None, [], []
+    init_attrs = dict(open_store(init_path).attrs)
+    total = float(state.slice_thickness_A) * state.n_slices
+    try:
+        facts = autoplan.facts_for_run(data_attrs, _stored_patterns_shape(data_path), init_attrs, total, str(data_path))
+    except (PtycoreError, KeyError, TypeError, ValueError):
+        if plan.adaptive:
+            raise
+        return plan, None, [], []
+    plan, notes = plan.resolve(facts)
+    return plan, facts, notes, autoplan.slice_warnings(facts, plan.stages, state.n_slices, total)
+
+
 def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
-                seed=None, progress=True, max_memory_gb=None, on_iteration=None) -> Outcome:
-    """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run."""
+                seed=None, progress=True, max_memory_gb=None, on_iteration=None, on_warning=_print_warning) -> Outcome:
+    """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run.
+    ``on_warning(line)`` gets each physics warning (slices, probe window, overlap) before the run."""
     started = now_iso()
     out_path = Path(out_path)
     plan = load_plan(plan_path)
+    state, pixel_A = load_state(init_path)
+    plan, facts, plan_notes, physics_warnings = resolve_plan(plan, data_path, init_path, state)
     if seed is not None:
         plan = plan.model_copy(update={"seed": seed})
     stages = [plan.stage(stage)] if stage else list(plan.stages)
-    state, pixel_A = load_state(init_path)
     patterns_shape = _stored_patterns_shape(data_path)
     inputs = input_checksums(data_path, init_path)
     plan_hash = plan.hash()
@@ -146,6 +176,9 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     init_group = open_store(init_path)
     init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
+    if on_warning is not None and not (resume and out_path.exists()):
+        for line in physics_warnings:
+            on_warning(line)
     records = []
     with StopSignals() as stop, atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -167,9 +200,13 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         group.attrs.update({
             "pixel_size_A": records[-1].pixel_size_A,  # the final stage's grid (its detector crop)
             "stages": previous_stages + [r.name for r in records],
+            "thickness_A": init_attrs.get("thickness_A", float(state.slice_thickness_A) * state.n_slices),
             "provenance": provenance(
                 verb="reconstruct",
                 plan=plan.resolved(),
+                autoplan=None if facts is None else {
+                    "facts": facts.record(), "notes": plan_notes, "data_notes": list(facts.notes),
+                    "warnings": physics_warnings},
                 plan_hash=plan_hash,
                 stages_run=[r.name for r in records],
                 inputs={v["path"]: v["checksum"] for v in inputs.values()},
