@@ -1,9 +1,6 @@
-"""Facility detector formats: small files written here (byte-level where rosettasciio has no writer),
-read back through ``ptycore ingest`` with the values their headers carry.
-
-Gatan .dm3/.dm4 is not written here: rosettasciio cannot write it and a hand-made DM4 tag tree
-would test a second implementation of the format, not the files microscopes write; only the
-refusal of a damaged .dm4 is tested.
+"""Facility detector formats: small files written here (byte-level where rosettasciio has no writer:
+Merlin, EMPAD, MRC here, Gatan DM3/DM4 and Velox EMD in ``_formats_files``), read back through
+``ptycore ingest`` with the values their headers carry.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 import zarr
+from _formats_files import dm_image, velox_metadata, write_dm, write_velox
 from _ptydata import assert_refused, write_meta
 
 from ptycore.cli import main
@@ -309,10 +307,92 @@ def test_py4dstem_h5_with_its_calibration(tmp_path):
     np.testing.assert_array_equal(group["patterns"][...], data.reshape(6, 8, 8))
 
 
-# ---------------------------------------------------------------- Gatan DM (see the module docstring)
-def test_damaged_dm4_is_one_line(tmp_path, capsys):
+# ---------------------------------------------------------------- Gatan DM3 / DM4
+DM_TAGS = {"Microscope Info": {"Voltage": 300000.0, "STEM Camera Length": 115.0, "Illumination Mode": "STEM",
+                               "Imaging Mode": "DIFFRACTION", "Name": "ARM200F"},
+           "Session Info": {"Operator": "night shift", "Specimen": "SrTiO3"}}
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_dm_stemx_scan_first_with_its_tags(tmp_path, version):
+    """A GMS STEMx file (``Data Order Swapped`` = 1): the diffraction pattern is the fastest
+    dimension; energy, camera length, dwell, scan and detector calibrations from the tags."""
+    data = counts((4, 3, 8, 6), seed=7)  # scan 4 x 3, detector 8 rows x 6 columns: a swap shows
+    tags = dict(DM_TAGS, **{"Meta Data": {"Format": "Diffraction image", "Data Order Swapped": 1},
+                            "DigiScan": {"Sample Time": 1000.0}})  # µs
+    dm = write_dm(tmp_path / f"scan.dm{version}", [dm_image(
+        data, [(0.0, 0.05, "nm"), (0.0, 0.05, "nm"), (0.0, 0.2, "1/nm"), (0.0, 0.2, "1/nm")], tags)], version)
+    meta = meta_yaml(tmp_path, convergence_mrad=1)  # the one value DM does not record
+    group = ingest(tmp_path, dm, meta)
+    np.testing.assert_array_equal(group["patterns"][...], data.reshape(12, 8, 6))
+    md = group.attrs["metadata"]
+    assert md["scan_shape"] == [4, 3] and md["scan_step_A"] == pytest.approx([0.5, 0.5])
+    assert md["detector_pixel_invA"] == pytest.approx(0.02)
+    assert md["energy_kv"] == pytest.approx(300) and md["camera_length_mm"] == pytest.approx(115)
+    assert md["exposure_s"] == pytest.approx(1e-3)
+    sources = group.attrs["provenance"]["metadata_sources"]
+    assert sources["energy_kv"] == sources["scan_step_A"] == sources["exposure_s"] == f"header of {dm}"
+    assert sources["convergence_mrad"] == str(meta)
+
+
+@pytest.mark.parametrize("told_by", ["units", "scan units", "tag"])
+def test_dm_diffraction_si_detector_first(tmp_path, told_by):
+    """The older layout (DigiScan diffraction SI): DM lists the scan first, so the array is
+    (ky, kx, scan_y, scan_x); rosettasciio alone shows the scan as the signal. Told apart by the
+    calibrations (of both pairs of axes, or of one), or by ``Data Order Swapped`` = 0 where they
+    are missing."""
+    scan = counts((4, 3, 8, 6), seed=8)
+    stored = np.ascontiguousarray(scan.transpose(2, 3, 0, 1))
+    if told_by == "units":
+        calibrations = [(0.0, 0.5, "mrad"), (0.0, 0.5, "mrad"), (0.0, 0.04, "nm"), (0.0, 0.06, "nm")]
+        tags = dict(DM_TAGS, Acquisition={"Parameters": {"Detector": {"exposure (s)": 0.002}}})
+        meta = meta_yaml(tmp_path, convergence_mrad=1)
+    elif told_by == "scan units":
+        calibrations = [(0.0, 1.0, ""), (0.0, 1.0, ""), (0.0, 40.0, "pm"), (0.0, 60.0, "pm")]
+        tags = DM_TAGS
+        meta = meta_yaml(tmp_path, convergence_mrad=1, detector_pixel_mrad=0.5)
+    else:
+        calibrations = [(0.0, 1.0, "")] * 4
+        tags = dict(DM_TAGS, **{"Meta Data": {"Data Order Swapped": 0}})
+        meta = meta_yaml(tmp_path, convergence_mrad=1, scan_step_A=[0.4, 0.6], detector_pixel_mrad=0.5)
+    dm = write_dm(tmp_path / "si.dm4", [dm_image(stored, calibrations, tags)])
+    group = ingest(tmp_path, dm, meta)
+    np.testing.assert_array_equal(group["patterns"][...], scan.reshape(12, 8, 6))
+    md = group.attrs["metadata"]
+    assert md["scan_shape"] == [4, 3] and md["scan_step_A"] == pytest.approx([0.4, 0.6])
+    assert md["detector_pixel_mrad"] == pytest.approx(0.5)
+    if told_by != "tag":
+        assert group.attrs["provenance"]["metadata_sources"]["scan_step_A"] == f"header of {dm}"
+    if told_by == "units":
+        assert md["exposure_s"] == pytest.approx(2e-3)  # tag "exposure (s)", mapped by rosettasciio as exposure_s
+        assert group.attrs["provenance"]["metadata_sources"]["scan_shape"] == f"header of {dm}"
+
+
+def test_dm_uncalibrated_4d_takes_the_axes_from_the_metadata(tmp_path, capsys):
+    """No calibrations and no layout tag: which axes are the scan is not guessed from the file;
+    the metadata's scan_shape picks the one layout that fits, and without it ingest says so."""
+    scan = counts((4, 3, 8, 6), seed=9)
+    dm = write_dm(tmp_path / "bare.dm4", [dm_image(np.ascontiguousarray(scan.transpose(2, 3, 0, 1)),
+                                                   [(0.0, 1.0, "")] * 4, DM_TAGS)])
+    meta = meta_yaml(tmp_path, convergence_mrad=2, scan_shape=[4, 3], scan_step_A=[1, 1], detector_pixel_mrad=1)
+    np.testing.assert_array_equal(ingest(tmp_path, dm, meta)["patterns"][...], scan.reshape(12, 8, 6))
+    meta = meta_yaml(tmp_path, convergence_mrad=2, scan_step_A=[1, 1], detector_pixel_mrad=1)
+    out = tmp_path / "none.zarr"
+    assert_refused(capsys, ["ingest", "--patterns", str(dm), "--meta", str(meta), "--out", str(out)], out, [dm],
+                   ["scan_shape: required key is missing", f"not in the header of {dm}"])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_dm4_is_one_line(tmp_path, capsys, damage):
     dm4 = tmp_path / "scan.dm4"
-    dm4.write_bytes(b"\x00\x00\x00\x04" + b"not a tag tree" * 10)
+    if damage == "garbage":
+        dm4.write_bytes(b"\x00\x00\x00\x04" + b"not a tag tree" * 10)
+    else:  # cut inside the image data
+        data = counts((2, 2, 8, 6))
+        whole = write_dm(dm4, [dm_image(data, [(0.0, 1.0, "")] * 4)]).read_bytes()
+        start = whole.find(data.astype("<u2").tobytes())
+        assert start > 0
+        dm4.write_bytes(whole[: start + data.nbytes // 2])
     meta = meta_yaml(tmp_path, energy_kv=300, convergence_mrad=5, scan_shape=[2, 2], scan_step_A=[1, 1],
                      detector_pixel_mrad=1)
     out = tmp_path / "data.zarr"
@@ -333,7 +413,63 @@ def test_readers_are_lazy(tmp_path):
     master, _ = write_arina(tmp_path)
     mib = write_mib(tmp_path / "scan.mib", counts((2, 3, 8, 8)), (2, 3))
     raw, xml, _ = write_empad(tmp_path)
-    for spec, kw in [(master, {}), (mib, {}), (xml, {})]:
+    dm = write_dm(tmp_path / "scan.dm4", [dm_image(counts((2, 3, 8, 6)), [(0.0, 1.0, "nm")] * 2 +
+                                                   [(0.0, 1.0, "mrad")] * 2)])
+    emd, _ = write_velox_scan(tmp_path)
+    for spec, kw in [(master, {}), (mib, {}), (xml, {}), (dm, {}), (emd, {})]:
         with open_patterns(spec, **kw) as src:
             array = src.frames._array
             assert isinstance(array, np.memmap) or hasattr(array, "dask"), (spec, type(array))
+
+
+# ---------------------------------------------------------------- Thermo Fisher Velox EMD
+def write_velox_scan(tmp_path, scan_shape=(4, 3)):
+    """A Velox 4D-STEM file: the HAADF image and the camera's frame stack, each with its record."""
+    frames = counts((scan_shape[0] * scan_shape[1], 8, 6), seed=10)
+    common = dict(scan_shape=(4, 3), fov_m=(8e-9, 6e-9), scan_area=(0.0, 0.25, 1.0, 0.75), voltage_v=200e3,
+                  convergence_rad=0.021, camera_length_m=0.115, dwell_s=2e-3)
+    camera = velox_metadata(**dict(common, pixel_size=(4e9, 4e9), pixel_unit="1/m", exposure_s=1e-3))
+    haadf = velox_metadata(**dict(common, pixel_size=(2e-9, 1e-9), detector="HAADF"))
+    emd = write_velox(tmp_path / "scan.emd", [(counts((1, 4, 3), seed=11), haadf), (frames, camera)])
+    return emd, frames
+
+
+def test_velox_4dstem_needs_no_metadata_file(tmp_path):
+    """Everything ingest needs is in Velox's record: ``ptycore ingest`` without --meta."""
+    emd, frames = write_velox_scan(tmp_path)
+    group = ingest(tmp_path, emd)
+    np.testing.assert_array_equal(group["patterns"][...], frames)  # the camera stack, not the HAADF image
+    md = group.attrs["metadata"]
+    assert md["scan_shape"] == [4, 3]
+    assert md["scan_step_A"] == pytest.approx([20.0, 10.0])  # 8 nm / 4 rows; 6 nm x 0.5 of the area / 3 columns
+    assert md["energy_kv"] == pytest.approx(200) and md["convergence_mrad"] == pytest.approx(21)
+    assert md["camera_length_mm"] == pytest.approx(115) and md["exposure_s"] == pytest.approx(1e-3)
+    assert md["detector_pixel_invA"] == pytest.approx(0.4)  # 4e9 1/m
+    prov = group.attrs["provenance"]
+    assert prov["patterns"]["format"] == "velox-emd"
+    assert set(prov["metadata_sources"].values()) == {f"header of {emd}"}
+
+
+def test_velox_scan_size_that_does_not_fit_the_frames(tmp_path, capsys):
+    """A ScanSize that is not the number of frames is not taken: the scan shape must come from the YAML."""
+    emd, frames = write_velox_scan(tmp_path, scan_shape=(2, 3))
+    out = tmp_path / "data.zarr"
+    assert_refused(capsys, ["ingest", "--patterns", str(emd), "--out", str(out)], out, [emd],
+                   ["scan_shape: required key is missing", f"not in the header of {emd}"])
+    group = ingest(tmp_path, emd, meta_yaml(tmp_path, scan_shape=[2, 3], scan_step_A=[1, 1]), name="ok.zarr")
+    np.testing.assert_array_equal(group["patterns"][...], frames)
+
+
+@pytest.mark.parametrize(("units", "pixel_invA"), [("1 / µm", 2e-4), ("nm^-1", 0.2), ("1/Å", 2.0), ("nm**-1", 0.2)])
+def test_calibration_units_as_readers_spell_them(units, pixel_invA):
+    """rosettasciio spells a reciprocal length as pint compacts it (Velox: "1 / µm" for a small
+    pixel); every spelling is converted, and a unit of another kind is not taken as one."""
+    from ptycore.data.formats import header_from_axes
+
+    axes = [{"size": 4, "scale": 50.0, "units": "pm"}, {"size": 3, "scale": 0.05, "units": "nm"},
+            {"size": 8, "scale": 2.0, "units": units}, {"size": 6, "scale": 2.0, "units": units}]
+    header = header_from_axes(axes, 4)
+    assert header["scan_shape"] == [4, 3] and header["scan_step_A"] == pytest.approx([0.5, 0.5])
+    assert header["detector_pixel_invA"] == pytest.approx(pixel_invA)
+    seconds = header_from_axes(axes[:2] + [dict(a, units="s") for a in axes[2:]], 4)
+    assert "detector_pixel_invA" not in seconds and "detector_pixel_mrad" not in seconds

@@ -8,9 +8,13 @@ Quantum Detectors Merlin         ``.mib`` (single chip or quad, 1/6/12/24-bit) w
                                  = scan columns); the exposure from the frame header. A quad
                                  (2x2) or Nx1 detector has its chip-boundary pixels flagged in
                                  the detector mask (``chip_edge_px`` each side, default 1).
-Gatan DigitalMicrograph          ``.dm3 .dm4`` through rosettasciio (lazy): energy, convergence
-                                 angle, camera length, exposure, scan step and detector pixel
-                                 from the tags where the microscope wrote them.
+Gatan DigitalMicrograph          ``.dm3 .dm4`` through rosettasciio (lazy): energy, camera
+                                 length, exposure or dwell, scan step and detector pixel from the
+                                 tags and calibrations where the microscope wrote them. A 4-D
+                                 image is read in either GMS layout (:func:`dm_layout`: STEMx
+                                 scan-first, or the older detector-first diffraction SI); with
+                                 neither the layout tag nor calibrations the metadata's
+                                 ``scan_shape`` / ``pattern_axes`` decide which axes are the scan.
 EMPAD                            ``.xml`` (or the ``.raw`` that an ``.xml`` beside it names):
                                  scan shape and step, high voltage, camera length and exposure
                                  from the xml; frames memory-mapped (128 x 128 of each 128 x 130
@@ -23,7 +27,10 @@ Dectris Arina                    ``*_master.h5`` whose ``/entry/data/data_NNNNNN
                                  record the scan shape: ``scan_shape`` must be in the metadata.
 Velox / Berkeley EMD, py4DSTEM   ``.emd`` (Velox or NCEM) and py4DSTEM / emdfile ``.h5`` through
                                  rosettasciio (lazy), with their calibrations and microscope
-                                 metadata. ``FILE:/dataset/path`` reads one HDF5 dataset as is.
+                                 metadata. A Velox camera stack (``/Data/Image/<uuid>``, frames
+                                 in scan order) also takes the scan shape and step, convergence
+                                 and exposure from its record (:func:`velox_header`).
+                                 ``FILE:/dataset/path`` reads one HDF5 dataset as is.
 MRC                              ``.mrc`` frame stacks (n_pos, ky, kx) through rosettasciio (lazy;
                                  Direct Electron movies with their metadata file).
 ===============================  ==============================================================
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +84,47 @@ def _positive(value) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def _slug(name: str) -> str:
+    """A tag name as HyperSpy turns it into an attribute ("exposure (s)" → "exposure_s"):
+    rosettasciio's mappings name some tags that way and others as written."""
+    name = re.sub(r"[^\w\s-]", "", str(name)).strip()
+    return re.sub(r"[-\s]+", "_", name)
+
+
 def _walk(tree: Any, dotted: str):
     for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
+        if not isinstance(tree, dict):
             return None
-        tree = tree[part]
+        if part in tree:
+            tree = tree[part]
+            continue
+        matches = [key for key in tree if _slug(key) == _slug(part)]
+        if len(matches) != 1:
+            return None
+        tree = tree[matches[0]]
     return tree
+
+
+def _unit_factor(unit: str, table: dict, target: str) -> float | None:
+    """The factor from ``unit`` to ``target``: the table first (it knows "A" as Å and the
+    spellings microscopes write), then pint for any other spelling ("1 / µm", "nm**-1")."""
+    unit = str(unit or "").strip()
+    if unit in table:
+        return table[unit]
+    if not unit:
+        return None
+    try:
+        from pint import UnitRegistry
+
+        global _UREG
+        if _UREG is None:
+            _UREG = UnitRegistry()
+        return float(_UREG.Quantity(1.0, unit.replace("Å", "angstrom")).to(target).magnitude)
+    except Exception:  # not a unit pint knows, or of another dimension
+        return None
+
+
+_UREG = None
 
 
 def _put(tree: dict, dotted: str, value) -> None:
@@ -141,18 +184,30 @@ def header_from_axes(axes: list[dict], ndim: int) -> dict:
     if len(scan) == 2:
         header["scan_shape"] = [int(a["size"]) for a in scan]
         steps = [_positive(a.get("scale")) for a in scan]
-        units = [str(a.get("units") or "").strip() for a in scan]
-        if all(steps) and all(u in LENGTH_A for u in units):
-            header["scan_step_A"] = [s * LENGTH_A[u] for s, u in zip(steps, units, strict=True)]
+        factors = [_unit_factor(a.get("units"), LENGTH_A, "angstrom") for a in scan]
+        if all(steps) and all(factors):
+            header["scan_step_A"] = [s * f for s, f in zip(steps, factors, strict=True)]
     scales = [_positive(a.get("scale")) for a in detector]
     units = {str(a.get("units") or "").strip() for a in detector}
     if all(scales) and len(units) == 1 and math.isclose(scales[0], scales[1], rel_tol=1e-6):
         (unit,) = units
-        if unit in ANGLE_MRAD:
-            header["detector_pixel_mrad"] = scales[0] * ANGLE_MRAD[unit]
-        elif unit in RECIPROCAL_INV_A:
-            header["detector_pixel_invA"] = scales[0] * RECIPROCAL_INV_A[unit]
+        if (f := _unit_factor(unit, ANGLE_MRAD, "mrad")) is not None:
+            header["detector_pixel_mrad"] = scales[0] * f
+        elif (f := _unit_factor(unit, RECIPROCAL_INV_A, "1/angstrom")) is not None:
+            header["detector_pixel_invA"] = scales[0] * f
     return header
+
+
+def axis_kind(axis: dict) -> str | None:
+    """'scan' for an axis calibrated in a length, 'detector' for one in an angle or a reciprocal
+    length, None when its units tell neither."""
+    unit = axis.get("units")
+    if _unit_factor(unit, LENGTH_A, "angstrom") is not None:
+        return "scan"
+    if _unit_factor(unit, ANGLE_MRAD, "mrad") is not None or \
+            _unit_factor(unit, RECIPROCAL_INV_A, "1/angstrom") is not None:
+        return "detector"
+    return None
 
 
 def read_rsciio(module: str, path: Path, what: str, **kwargs) -> dict:
@@ -387,11 +442,135 @@ def is_emd(path: Path) -> bool:
 
 
 def open_rsciio_stack(path: Path, dataset: str | None, module: str, fmt: str, what: str):
+    """A 3-D or 4-D stack through rosettasciio; DM and EMD files through their own openers below
+    (DM's two 4-D layouts, Velox's scan record)."""
     from ptycore.data.readers import Frames
 
+    if module == "digitalmicrograph":
+        return open_dm(path, dataset)
+    if module == "emd":
+        return open_emd(path, dataset)
     if dataset is not None:
         raise InvalidData(f"{path}: {what} files are read whole; drop ':{dataset}'")
     signal = read_rsciio(module, path, what)
     frames = Frames(signal["data"], str(path))
     _check_readable(frames, str(path))
     return _source(path, None, fmt, frames, header_from_signal(signal))
+
+
+# ---------------------------------------------------------------- Gatan DigitalMicrograph
+#: the array axes of a 4-D DM image as rosettasciio returns it (DM's dimensions reversed)
+DM_SCAN_FIRST = ("scan_y", "scan_x", "ky", "kx")
+DM_DETECTOR_FIRST = ("ky", "kx", "scan_y", "scan_x")
+
+
+def dm_layout(signal: dict) -> tuple[str, ...] | None:
+    """The axis order of a 4-D DM image. GMS writes two layouts: with the tag ``Meta Data.Data
+    Order Swapped`` = 1 (STEMx) the diffraction pattern is the fastest
+    dimension, i.e. (scan_y, scan_x, ky, kx) here; older files (e.g. a DigiScan diffraction SI) list the
+    scan first, i.e. (ky, kx, scan_y, scan_x) here, where rosettasciio shows the scan as the
+    signal. The tag decides where present, else the calibrated units of either pair of axes
+    (lengths = scan; angles or reciprocal lengths = detector); None when neither tells."""
+    tags = _walk(signal.get("original_metadata") or {}, "ImageList.TagGroup0.ImageTags") or {}
+    swapped = _walk(tags, "Meta Data.Data Order Swapped")
+    if swapped is not None:
+        try:
+            return DM_SCAN_FIRST if int(swapped) else DM_DETECTOR_FIRST
+        except (TypeError, ValueError):
+            pass
+    kinds = [axis_kind(a) for a in signal.get("axes") or []]
+    if len(kinds) != 4:
+        return None
+    first, last = set(kinds[:2]), set(kinds[2:])
+    scan_first = first == {"scan"} or last == {"detector"}
+    detector_first = first == {"detector"} or last == {"scan"}
+    if scan_first != detector_first:  # one pair calibrated is enough; a contradiction tells nothing
+        return DM_SCAN_FIRST if scan_first else DM_DETECTOR_FIRST
+    return None
+
+
+def open_dm(path: Path, dataset: str | None):
+    from ptycore.data.readers import Frames
+
+    what = "Gatan DigitalMicrograph"
+    if dataset is not None:
+        raise InvalidData(f"{path}: {what} files are read whole; drop ':{dataset}'")
+    signal = read_rsciio("digitalmicrograph", path, what)
+    data = signal["data"]
+    axes = list(signal.get("axes") or [])
+    header = header_from_signal(signal)
+    layout = dm_layout(signal) if np.ndim(data) == 4 else None
+    if layout == DM_DETECTOR_FIRST:  # the header's scan and detector calibrations from the right axes
+        for key in ("scan_shape", "scan_step_A", "detector_pixel_mrad", "detector_pixel_invA"):
+            header.pop(key, None)
+        header.update(header_from_axes(axes[2:] + axes[:2], 4))
+    elif np.ndim(data) == 4 and layout is None:  # which axes are the scan is not known: the metadata decides
+        for key in ("scan_shape", "scan_step_A", "detector_pixel_mrad", "detector_pixel_invA"):
+            header.pop(key, None)
+    frames = Frames(data, str(path), axes=layout)
+    _check_readable(frames, str(path))
+    source = _source(path, None, "digitalmicrograph", frames, header)
+    source.fixed_axes = layout is not None or np.ndim(data) == 3
+    return source
+
+
+# ---------------------------------------------------------------- Thermo Fisher Velox EMD
+def velox_header(signal: dict, n_frames: int) -> dict:
+    """What Velox's metadata record holds beyond rosettasciio's mapping: the scan (``Scan.ScanSize``,
+    the step from ``Optics.FullScanFieldOfView`` over the ``Scan.ScanArea`` fraction), the
+    convergence semi-angle (``Optics.BeamConvergence``, rad) and the exposure per frame (the
+    detector's ``ExposureTime``, else ``Scan.DwellTime``). Velox stores the frames of a 4D-STEM scan
+    as one stack in scan order."""
+    om = signal.get("original_metadata") or {}
+    header: dict[str, Any] = {}
+    size = _walk(om, "Scan.ScanSize") or {}
+    try:
+        ny, nx = int(size.get("height")), int(size.get("width"))
+    except (TypeError, ValueError):
+        ny = nx = 0
+    if ny > 0 and nx > 0 and ny * nx == n_frames:
+        header["scan_shape"] = [ny, nx]
+        fov = _walk(om, "Optics.FullScanFieldOfView") or {}
+        area = _walk(om, "Scan.ScanArea") or {}
+
+        def fraction(low, high):
+            try:
+                value = float(area[high]) - float(area[low])
+            except (KeyError, TypeError, ValueError):
+                return 1.0
+            return value if 0 < value <= 1 else 1.0
+
+        fov_y, fov_x = _positive(fov.get("y")), _positive(fov.get("x"))
+        if fov_y and fov_x:  # metres
+            header["scan_step_A"] = [fov_y * 1e10 * fraction("top", "bottom") / ny,
+                                     fov_x * 1e10 * fraction("left", "right") / nx]
+    if (v := _positive(_walk(om, "Optics.BeamConvergence"))) is not None:
+        header["convergence_mrad"] = v * 1e3
+    index = _walk(om, "BinaryResult.DetectorIndex")
+    exposure = _positive(_walk(om, f"Detectors.Detector-{index}.ExposureTime")) if index is not None else None
+    if exposure is None:
+        exposure = _positive(_walk(om, "Scan.DwellTime"))
+    if exposure is not None:
+        header["exposure_s"] = exposure
+    return header
+
+
+def is_velox(signal: dict) -> bool:
+    om = signal.get("original_metadata") or {}
+    return isinstance(om.get("BinaryResult"), dict) and isinstance(om.get("Optics"), dict)
+
+
+def open_emd(path: Path, dataset: str | None):
+    from ptycore.data.readers import Frames
+
+    if dataset is not None:
+        raise InvalidData(f"{path}: EMD files are read whole; drop ':{dataset}'")
+    signal = read_rsciio("emd", path, "EMD")
+    frames = Frames(signal["data"], str(path))
+    _check_readable(frames, str(path))
+    header = header_from_signal(signal)
+    fmt = "emd"
+    if is_velox(signal):
+        fmt = "velox-emd"
+        header.update(velox_header(signal, frames.shape[0]))
+    return _source(path, None, fmt, frames, header)
