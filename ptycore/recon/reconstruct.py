@@ -116,7 +116,8 @@ def write_history(group, records, previous_stages=(), previous=None) -> None:
         write_array(group, f"history/{term}", np.asarray(rows, np.float32))
 
 
-def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
+def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, restart_stale=False,
+                overwrite=False,
                 seed=None, progress=True, max_memory_gb=None, on_iteration=None) -> Outcome:
     """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run."""
     started = now_iso()
@@ -156,6 +157,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
             hook = None if on_iteration is None else (lambda it, s, offset=done: on_iteration(offset + it, s))
             state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
                                       workdir=tmp, resume=resume, progress=progress, inputs=inputs, stop=stop,
+                                      restart_stale=restart_stale,
                                       on_iteration=hook)
             done += stage_cfg.iterations
             records.append(record)
