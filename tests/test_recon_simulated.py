@@ -23,17 +23,21 @@ pytestmark = pytest.mark.sim
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sto")
+def _prepare(tmp, *simulate_args):
+    """simulate (abTEM) → ingest → preprocess → init in ``tmp``; returns (sim, run) directories."""
     sim, run = tmp / "sim", tmp / "run"
-    assert main(["simulate", "--out", str(sim), "--quiet"]) == 0
+    assert main(["simulate", "--out", str(sim), *simulate_args, "--quiet"]) == 0
     assert main(["ingest", "--patterns", f"{sim}/patterns.h5:patterns", "--meta", str(sim / "meta.yaml"),
                  "--out", str(run / "data.zarr")]) == 0
     assert main(["preprocess", "--data", str(run / "data.zarr"), "--config",
                  str(ROOT / "config/preprocess/default.yaml"), "--out", str(run / "prepared.zarr")]) == 0
     assert main(["init", "--data", str(run / "prepared.zarr"), "--out", str(run / "init.zarr")]) == 0
     return sim, run
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return _prepare(tmp_path_factory.mktemp("sto"))
 
 
 @pytest.mark.parametrize(("plan", "stage", "max_iterations"), [
@@ -58,15 +62,7 @@ def test_shipped_plan_recovers_simulated_srtio3(prepared, plan, stage, max_itera
 @pytest.fixture(scope="module")
 def thick(tmp_path_factory):
     """SrTiO3 4 unit cells (15.6 Å), 300 kV, 21.4 mrad, dose 1e6 e/Å², 12x12 scan (abTEM)."""
-    tmp = tmp_path_factory.mktemp("sto4")
-    sim, run = tmp / "sim", tmp / "run"
-    assert main(["simulate", "--out", str(sim), "--cells-z", "4", "--scan-shape", "12", "12", "--quiet"]) == 0
-    assert main(["ingest", "--patterns", f"{sim}/patterns.h5:patterns", "--meta", str(sim / "meta.yaml"),
-                 "--out", str(run / "data.zarr")]) == 0
-    assert main(["preprocess", "--data", str(run / "data.zarr"), "--config",
-                 str(ROOT / "config/preprocess/default.yaml"), "--out", str(run / "prepared.zarr")]) == 0
-    assert main(["init", "--data", str(run / "prepared.zarr"), "--out", str(run / "init.zarr")]) == 0
-    return sim, run
+    return _prepare(tmp_path_factory.mktemp("sto4"), "--cells-z", "4", "--scan-shape", "12", "12")
 
 
 @pytest.mark.slow
