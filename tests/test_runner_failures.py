@@ -261,3 +261,26 @@ def test_divergence_criteria(synthetic):
     assert "probe power" in divergence({"single": 0.04}, history, bright, counts)
     nan_position = state._replace(positions_A=state.positions_A.at[0, 0].set(np.nan))
     assert "state" in divergence({"single": 0.04}, history, nan_position, counts)
+
+
+def test_restart_stale_discards_a_checkpoint_of_another_plan(tmp_path, capsys):
+    """--resume refuses a checkpoint of another plan; with --restart-stale (the workflow's retries)
+    it is removed with a warning and the stage starts from iteration 0."""
+    from _synthetic import make_synthetic
+
+    from ptycore.errors import InvalidData
+    from ptycore.plan import parse_plan
+    from ptycore.recon.runner import run_stage
+
+    syn = make_synthetic(n_det=32, scan=6)
+    stage = parse_plan({"stages": [{"name": "s", "iterations": 3, "batch_size": 12, "checkpoint_every": 1,
+                                    "optimize": {"object_phase": {"lr": 0.02}}}]}).stages[0]
+    common = dict(seed=0, workdir=tmp_path, progress=False)
+    run_stage(stage, 0, syn.flat_state(), syn.measurement, plan_hash="old", **common)
+    assert (tmp_path / "checkpoints" / "s.npz").exists()
+    with pytest.raises(InvalidData, match="belongs to a different plan"):
+        run_stage(stage, 0, syn.flat_state(), syn.measurement, plan_hash="new", resume=True, **common)
+    _, record = run_stage(stage, 0, syn.flat_state(), syn.measurement, plan_hash="new", resume=True,
+                          restart_stale=True, **common)
+    assert record.resumed_from is None and len(record.history["single"]) == 3
+    assert "starts over" in capsys.readouterr().err

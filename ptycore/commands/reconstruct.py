@@ -24,6 +24,10 @@ def add_arguments(p):
                         "and on SIGTERM/SIGINT; a damaged checkpoint is refused, naming it); starts from scratch if "
                         "there are none, and does nothing if <out> already holds this plan's result from the same "
                         "inputs")
+    p.add_argument("--restart-stale", action="store_true",
+                   help="with --resume: a checkpoint that cannot continue (another plan, other inputs, damaged) is "
+                        "removed with a warning and its stage starts over, instead of being refused (what the "
+                        "workflow's retries use)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result store")
     p.add_argument("--seed", type=int, help="override the plan's seed")
     p.add_argument("--quiet", action="store_true",
@@ -65,13 +69,16 @@ def run(args) -> int:
 
     if args.max_memory_gb is not None and not args.max_memory_gb > 0:
         raise InvalidArgument(f"--max-memory-gb must be > 0, got {args.max_memory_gb}")
-    if args.resume:
+    if args.restart_stale and not args.resume:
+        raise InvalidArgument("--restart-stale only applies with --resume")
+    if args.resume and not args.restart_stale:
         check_checkpoints(args.out)
 
     from ptycore.commands.plans import plan_path
 
     out = reconstruct(plan_path=plan_path(args.plan), data_path=args.data, init_path=args.init, out_path=args.out,
-                      stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                      stage=args.stage, resume=args.resume, restart_stale=args.restart_stale,
+                      overwrite=args.overwrite, seed=args.seed,
                       progress=not args.quiet, max_memory_gb=args.max_memory_gb,
                       **({"on_warning": None} if args.quiet else {}))
     if out.already_complete:

@@ -144,7 +144,8 @@ def resolve_plan(plan, data_path, init_path, state):
     return plan, facts, notes, autoplan.slice_warnings(facts, plan.stages, state.n_slices, total)
 
 
-def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, overwrite=False,
+def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, restart_stale=False,
+                overwrite=False,
                 seed=None, progress=True, max_memory_gb=None, on_iteration=None, on_warning=_print_warning) -> Outcome:
     """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run.
     ``on_warning(line)`` gets each physics warning (slices, probe window, overlap) before the run."""
@@ -189,6 +190,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
             hook = None if on_iteration is None else (lambda it, s, offset=done: on_iteration(offset + it, s))
             state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
                                       workdir=tmp, resume=resume, progress=progress, inputs=inputs, stop=stop,
+                                      restart_stale=restart_stale,
                                       on_iteration=hook)
             done += stage_cfg.iterations
             records.append(record)

@@ -268,12 +268,18 @@ def stage_measurement(stage, measurement: Measurement) -> Measurement:
 def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *, seed: int, plan_hash: str,
               workdir: Path | None, resume: bool = False, progress: bool = True,
               bandlimit: float | None = 2 / 3, inputs: dict | None = None,
-              stop: StopSignals | None = None, on_iteration=None) -> tuple[State, StageRecord]:
+              stop: StopSignals | None = None, on_iteration=None, observe=None,
+              restart_stale: bool = False) -> tuple[State, StageRecord]:
     """Run one stage from ``state``; returns the final state and the stage's record.
 
     ``on_iteration(it, scalars)``, if given, is called after every iteration (once its history
     and checkpoint are written) with the iteration and its scalar terms (e.g. ``validation``);
     an exception it raises stops the stage (``ptycore tune`` prunes trials this way).
+    ``restart_stale`` (with ``resume``): a checkpoint that cannot continue this stage (another
+    plan, other inputs, unreadable) is removed with a one-line warning and the stage starts over,
+    instead of being refused (the workflow's retries: a stale checkpoint is useless there).
+    ``observe(it, scalars, state, seconds)`` (benchmarks) also gets the state after the iteration
+    and the stage's compute seconds so far (the observer's own time is not counted).
 
     ``measurement`` is the full prepared data; the stage fits ``stage_measurement`` of it, and
     ``state`` (on any probe window over the same field of view, e.g. a coarser stage's) is
@@ -292,11 +298,19 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     first = 0
     ckpt = _checkpoint_path(workdir, stage.name) if workdir is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        carry, meta = load_checkpoint(ckpt, carry, plan_hash, inputs)
-        record.history = meta["history"]
-        record.seconds = meta["seconds"]
-        first = meta["iteration"] + 1
-        record.resumed_from = first
+        try:
+            carry, meta = load_checkpoint(ckpt, carry, plan_hash, inputs)
+        except InvalidData as err:
+            if not restart_stale:
+                raise
+            print(f"warning: {err}: removed, stage {stage.name!r} starts over", file=sys.stderr, flush=True)
+            ckpt.unlink()
+            meta = None
+        if meta is not None:
+            record.history = meta["history"]
+            record.seconds = meta["seconds"]
+            first = meta["iteration"] + 1
+            record.resumed_from = first
     bar = _Progress(stage.name, stage.iterations, progress)
     last_good = first - 1
     try:
@@ -325,6 +339,8 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
                 last_good = it
             if on_iteration is not None:
                 on_iteration(it, scalars)
+            if observe is not None:
+                observe(it, scalars, engine.to_state(carry), record.seconds)
             if stop is not None and stop.received is not None:
                 if ckpt is not None and last_good != it:
                     save_checkpoint(ckpt, carry, it, record, plan_hash, inputs)

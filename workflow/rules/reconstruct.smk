@@ -5,7 +5,9 @@
 # --resume: a job that is run again after it was killed (Slurm requeue after preemption or a node
 # failure, a retry after running out of time, a rerun of an incomplete job) continues from the
 # checkpoint in <out>.partial/checkpoints/ instead of iteration 0; with no checkpoint it starts
-# from the beginning.
+# from the beginning. --restart-stale: a checkpoint left by an earlier version of the plan or
+# other inputs (the dataset or plan changed since the kill) is removed and the stage starts over,
+# instead of failing the job every night until someone deletes it.
 
 
 rule reconstruct:
@@ -25,4 +27,4 @@ rule reconstruct:
         **retry_scaled_resources("reconstruct"),
     shell:
         "ptycore reconstruct --plan {input.plan:q} --data {input.data} --init {input.init}"
-        " --stage {wildcards.stage} --resume --out {output} > {log} 2>&1"
+        " --stage {wildcards.stage} --resume --restart-stale --out {output} > {log} 2>&1"

@@ -1,0 +1,176 @@
+"""SSIM to the truth against wall time and gradient-equivalents: Levenberg-Marquardt against the
+gradient engine and LSQML, on a ladder of simulated SrTiO3 thicknesses.
+
+For each thickness (unit cells along [001]) this simulates with abTEM (300 kV, 21.4 mrad, dose
+1e6 e/Å², defocus and scan below), runs ingest → preprocess → init through the CLI, then each
+method from the same init on the same data, recording every few iterations the depth-summed
+phase SSIM against the truth (``ptycore.evaluate.compare_with_truth``, as ``ptycore evaluate``
+computes it), the compute seconds and the gradient-equivalents spent (a value-and-gradient pass
+over the data = 1; for LM, a Gauss-Newton product = 2, a forward-only loss = 0.5, as the engine
+reports them; ePIE/LSQML iterations are counted as 1).
+
+Methods (the shipped plans; the warm start of ``lm-multislice`` is counted in its curve):
+
+- ``gradient``: ``multislice-study`` (Adam, 4 Å slices, 200 iterations);
+- ``lsqml``: LSQML on the same 4 Å slices (``lsqml-multislice`` below, 60 iterations);
+- ``lm``: ``lm-multislice`` (20 gradient iterations, then 20 LM steps).
+
+    python bench/lm_ladder.py                       # 4 6 8 12 unit cells, 16x16 scan
+    python bench/lm_ladder.py --cells 4 6 --scan 16 --out results/bench/lm-ladder
+
+Prints a table (final SSIM, seconds, gradient-equivalents, and the seconds each method needs to
+reach the best first-order method's final SSIM) and writes ``ladder.png`` and ``ladder.json``.
+Timings vary +-35 % between runs on a shared machine: compare the methods within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LSQML_PLAN = {
+    "name": "lsqml-multislice", "seed": 0, "stages": [{
+        "name": "main", "engine": "lsqml", "iterations": 60, "batch_size": 32, "grouping": "sparse",
+        "resample": {"probe_modes": 2, "slice_thickness_A": 4.0},
+        "optimize": {"object_phase": {"lr": 1.0}, "object_amplitude": {"lr": 1.0}, "probe": {"lr": 1.0, "start": 5}},
+        "constraints": {"probe_orthogonalize": {"every": 1}, "object_amplitude_bounds": {"min": 0.0, "max": 1.0}},
+    }]}
+
+
+def run(cmd):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def prepare(out: Path, cells: int, scan: int, defocus_A: float, seed: int) -> Path:
+    """Simulate (abTEM) and ingest/preprocess/init one thickness; cached in ``out/sto-<cells>``."""
+    d = out / f"sto-{cells}"
+    if not (d / "init.zarr").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / "sim").exists():
+            run(["ptycore", "simulate", "--out", str(d / "sim"), "--cells-z", str(cells), "--energy-kv", "300",
+                 "--convergence-mrad", "21.4", "--defocus-A", str(defocus_A), "--dose", "1e6", "--scan-shape",
+                 str(scan), str(scan), "--seed", str(seed), "--quiet"])
+        run(["ptycore", "ingest", "--patterns", f"{d}/sim/patterns.h5:patterns", "--meta", str(d / "sim/meta.yaml"),
+             "--out", str(d / "data.zarr"), "--overwrite"])
+        run(["ptycore", "preprocess", "--data", str(d / "data.zarr"), "--config",
+             str(ROOT / "config/preprocess/default.yaml"), "--out", str(d / "prepared.zarr"), "--overwrite"])
+        run(["ptycore", "init", "--data", str(d / "prepared.zarr"), "--out", str(d / "init.zarr"), "--overwrite"])
+    return d
+
+
+def curve(plan, d: Path, every: int):
+    """Run every stage of ``plan`` from ``d``'s init; returns points (seconds, grad_eq, ssim, iteration)."""
+    from ptycore.evaluate import DEFAULT_MARGIN_A, Reconstruction, compare_with_truth, load_reconstruction
+    from ptycore.recon.context import load_measurement
+    from ptycore.recon.runner import run_stage
+    from ptycore.recon.state import load_state
+
+    truth = load_reconstruction(d / "sim/truth.zarr", role="truth")
+    measurement = load_measurement(d / "prepared.zarr")
+    state, _ = load_state(d / "init.zarr")
+    points, spent = [], {"seconds": 0.0, "grad_eq": 0.0, "iterations": 0}
+
+    def ssim_of(state, pixel_A):
+        rec = Reconstruction(Path("bench"), np.asarray(state.object_phase, np.float64),
+                             np.asarray(state.object_amplitude), None, np.asarray(state.positions_A, np.float64),
+                             pixel_A, float(state.slice_thickness_A))
+        return compare_with_truth(rec, truth, DEFAULT_MARGIN_A).metrics["ssim_phase_sum"]
+
+    for index, stage in enumerate(plan.stages):
+        base = dict(spent)
+        eq = {"total": 0.0}
+        pixel = measurement.pixel_size_A * measurement.detector_shape[0] / (stage.resample.detector_px
+                                                                             or measurement.detector_shape[0])
+
+        def observe(it, scalars, st, seconds, stage=stage, base=base, eq=eq, pixel=pixel):
+            eq["total"] += scalars.get("gradient_equivalents", 1.0)
+            spent.update(seconds=base["seconds"] + seconds, grad_eq=base["grad_eq"] + eq["total"],
+                         iterations=base["iterations"] + it + 1)
+            if (it + 1) % every == 0 or it + 1 == stage.iterations or (stage.engine == "lm"):
+                points.append((spent["seconds"], spent["grad_eq"], ssim_of(st, pixel), spent["iterations"]))
+
+        state, _ = run_stage(stage, index, state, measurement, seed=plan.seed, plan_hash="bench", workdir=None,
+                             progress=False, observe=observe)
+    return points
+
+
+def time_to(points, target):
+    for seconds, _, ssim, _ in points:
+        if ssim >= target:
+            return seconds
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[4, 6, 8, 12])
+    ap.add_argument("--scan", type=int, default=16)
+    ap.add_argument("--defocus-A", type=float, default=150.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--every", type=int, default=10, help="SSIM every N iterations (every LM step)")
+    ap.add_argument("--methods", nargs="+", default=["gradient", "lsqml", "lm"])
+    ap.add_argument("--out", type=Path, default=ROOT / "results/bench/lm-ladder")
+    args = ap.parse_args(argv)
+
+    from ptycore.plan import load_plan, parse_plan
+
+    plans = {"gradient": load_plan(ROOT / "config/plans/multislice-study.yaml"),
+             "lsqml": parse_plan(LSQML_PLAN, "lsqml-multislice"),
+             "lm": load_plan(ROOT / "config/plans/lm-multislice.yaml")}
+    results = {}
+    for cells in args.cells:
+        d = prepare(args.out, cells, args.scan, args.defocus_A, args.seed)
+        results[cells] = {}
+        for method in args.methods:
+            t0 = time.perf_counter()
+            results[cells][method] = curve(plans[method], d, args.every)
+            print(f"{cells} u.c. {method}: final SSIM {results[cells][method][-1][2]:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s with evaluation)", file=sys.stderr, flush=True)
+        (args.out / "ladder.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+
+    print(f"{'u.c.':>5} {'method':>9} {'final SSIM':>10} {'best SSIM':>9} {'seconds':>8} {'grad-eq':>8} "
+          f"{'s to first-order best':>22}")
+    for cells, by_method in results.items():
+        first_order = [m for m in by_method if m != "lm"]
+        target = max(by_method[m][-1][2] for m in first_order) if first_order else None
+        for method, points in by_method.items():
+            s, g, ssim, _ = points[-1]
+            reach = time_to(points, target) if target is not None else None
+            reach_txt = "-" if reach is None else f"{reach:.1f}"
+            print(f"{cells:>5} {method:>9} {ssim:>10.3f} {max(p[2] for p in points):>9.3f} {s:>8.1f} {g:>8.0f} "
+                  f"{reach_txt:>22}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 6.5), squeeze=False)
+    for col, (cells, by_method) in enumerate(results.items()):
+        for method, points in by_method.items():
+            p = np.asarray(points)
+            axes[0, col].plot(p[:, 0], p[:, 2], label=method)
+            axes[1, col].plot(p[:, 1], p[:, 2], label=method)
+        axes[0, col].set_title(f"SrTiO3 {cells} u.c.")
+        axes[0, col].set_xlabel("seconds")
+        axes[1, col].set_xlabel("gradient-equivalents")
+        for row in (0, 1):
+            axes[row, col].set_ylabel("phase SSIM (depth sum)")
+            axes[row, col].set_ylim(0, 1)
+            axes[row, col].legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "ladder.png", dpi=110)
+    print(f"wrote {args.out / 'ladder.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
