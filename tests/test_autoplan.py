@@ -169,7 +169,7 @@ def test_plans_verb_lists_every_plan_with_its_for(capsys):
     for path in PLANS:
         plan = load_plan(path)
         assert any(line.startswith(plan.name) and plan.for_ in line for line in out.splitlines())
-    assert "[adaptive]" in out
+    assert "[adaptive:" in out
 
 
 def test_plans_verb_unknown_name(capsys):

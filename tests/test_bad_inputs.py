@@ -285,6 +285,10 @@ CASES = [
     Case("inspect-a-directory-of-stores", "inspect {d}", ["{d}", "inspect one of those"]),
     Case("inspect-missing-chunk", "inspect {w}/init.zarr", ["{w}/init.zarr", "'probe' chunk c/0/0/0 is missing"],
          store_copy("init.zarr", "delete", "probe/c/0/0/0")),
+    Case("plans-unknown-name", "plans nosuch", ["nosuch", "no such plan"]),
+    Case("plans-data-without-name", "plans --data {d}/prepared.zarr", ["--data", "plan NAME"]),
+    Case("tune-space-not-found", "tune --space {w}/nope.yaml --out {w}/study", ["{w}/nope.yaml", "not found"]),
+    Case("tune-a-plan-as-space", "tune --space {d}/plan.yaml --out {w}/study", ["{d}/plan.yaml", "plan"]),
     Case("inspect-verify-corrupt", "inspect --verify {w}/data.zarr", ["{w}/data.zarr", "c/1/0/0 is corrupt"],
          store_copy("data.zarr", "garble")),
 ]

@@ -83,9 +83,10 @@ def test_dry_run_lists_one_job_per_step_and_stage(tmp_path):
     # stage 1 starts from init.zarr, stage 2 from stage 1's store; each stage is its own job, and
     # resumes from its checkpoint when it is run again after a kill (Slurm requeue, retry)
     out = proc.output
-    assert re.search(r"ptycore reconstruct .*--init results/tiny/init\.zarr --stage coarse --resume "
+    assert re.search(r"ptycore reconstruct .*--init results/tiny/init\.zarr --stage coarse --resume --restart-stale "
                      r"--out results/tiny/tiny/stages/coarse\.zarr", out), out
-    assert re.search(r"ptycore reconstruct .*--init results/tiny/tiny/stages/coarse\.zarr --stage fine --resume "
+    assert re.search(r"ptycore reconstruct .*--init results/tiny/tiny/stages/coarse\.zarr --stage fine "
+                     r"--resume --restart-stale "
                      r"--out results/tiny/tiny/stages/fine\.zarr", out), out
     assert "--truth results/tiny/simulated/truth.zarr" in out
     assert "ptycore simulate --detector-pixel-mrad 2.0 --detector-px 32 --scan-shape 8 8 --scan-step-A 0.7 --seed 1 " \

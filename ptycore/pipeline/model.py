@@ -225,6 +225,34 @@ class Pipeline:
                                       "title": f"study {name}", "study": study}
         return out
 
+    # ------------------------------------------------------------ hyperparameter searches
+    def tunes(self) -> dict[str, dict]:
+        """``{name: {space, plan, data, init}}`` for each search space of config ``tune``: the
+        inputs of its ``ptycore tune`` job (the prepared stores of its workflow datasets)."""
+        from ptycore.tune.space import load_space
+
+        tunes = {}
+        for p in self.config.get("tune") or []:
+            try:
+                space = load_space(self.resolve(p))
+            except PtycoreError as err:
+                raise ConfigError(f"tune: {err}") from None
+            unknown = [d for d in space.datasets if d not in self.datasets]
+            if space.name in tunes:
+                raise ConfigError(f"tune: {p}: two spaces named {space.name!r}")
+            if not space.datasets or unknown:
+                why = (f"datasets: unknown {unknown} (known: {', '.join(self.datasets)})" if unknown
+                       else "needs 'datasets' (workflow names)")
+                raise ConfigError(f"tune: {p}: {why}")
+            init = self.resolve(space.init) if space.init else self.step_config("init", space.datasets[0]).get("config")
+            tunes[space.name] = {
+                "space": self.resolve(p),
+                "plan": self.plan_path(space.plan),
+                "data": [layout.path("preprocess", d) for d in space.datasets],
+                "init": {"init": init} if init else {},
+            }
+        return tunes
+
     # ------------------------------------------------------------ rule inputs and options
     def step_config(self, step: str, dataset: str) -> dict:
         """The dataset's config YAML for a step ('preprocess', 'init'), as {'config': path}, or {}."""
