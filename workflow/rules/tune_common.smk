@@ -1,6 +1,8 @@
 # Helpers of workflow/rules/tune.smk (no rules here): the search spaces of config tune, from
 # ptycore.pipeline.model.Pipeline.tunes (the workflow's logic lives in the package).
 
+import shlex
+
 try:
     TUNES = PIPE.tunes()
 except PtycoreError as _err:
