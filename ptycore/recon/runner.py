@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -268,7 +268,7 @@ def stage_measurement(stage, measurement: Measurement) -> Measurement:
 def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *, seed: int, plan_hash: str,
               workdir: Path | None, resume: bool = False, progress: bool = True,
               bandlimit: float | None = 2 / 3, inputs: dict | None = None,
-              stop: StopSignals | None = None, on_iteration=None) -> tuple[State, StageRecord]:
+              stop: StopSignals | None = None, on_iteration=None, placement=None) -> tuple[State, StageRecord]:
     """Run one stage from ``state``; returns the final state and the stage's record.
 
     ``on_iteration(it, scalars)``, if given, is called after every iteration (once its history
@@ -281,8 +281,11 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     ``inputs`` (``{"data": {"path", "checksum"}, "init": {...}}``) goes into every checkpoint and
     must match on resume. With ``stop`` (a :class:`StopSignals`), a signal ends the stage after
     the current iteration with a checkpoint and ``Interrupted``. Raises ``Diverged`` (see the
-    module docstring) without overwriting the last good checkpoint."""
+    module docstring) without overwriting the last good checkpoint. ``placement``
+    (``ptycore.recon.placement.Placement``) runs the stage on several devices (default: one)."""
     measurement = stage_measurement(stage, measurement)
+    if placement is not None:
+        measurement = replace(measurement, placement=placement)
     state = resample_state(state, stage.resample, measurement.pixel_size_A, measurement.detector_shape)
     ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], bandlimit)
     engine = make_engine(stage, ctx, measurement, state, seed, stage_index)
