@@ -37,7 +37,8 @@ _OS_HINTS = {
 }
 
 #: verb -> module in ptycore.commands, in pipeline order
-VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect", "tune"]
+VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect", "tune",
+         "launch"]
 
 
 def _available_verbs():

@@ -70,3 +70,74 @@ def test_random_grouping_on_n_devices_still_fits(results):
     first, (one, many) = r["first_fit"], r["final_fit"]
     assert many < first  # it fits
     assert abs(many - one) < 0.05 * one
+
+
+# ------------------------------------------------------------------ several processes
+def _stores(tmp_path):
+    import yaml
+    from _synthetic import make_synthetic, write_stores
+
+    syn = make_synthetic(n_det=32, scan=8, step_A=0.6, counts=2e4)
+    write_stores(syn, tmp_path / "prepared.zarr", tmp_path / "init.zarr")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"stages": [{
+        "name": "main", "engine": "lsqml", "iterations": 4, "batch_size": 16, "grouping": "compact",
+        "checkpoint_every": 2, "optimize": {"object_phase": {"lr": 1.0}, "object_amplitude": {"lr": 1.0},
+                                            "probe": {"lr": 1.0, "start": 1}}}]}))
+    return plan
+
+
+def _cli(args, tmp_path, **extra_env):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent), **extra_env}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "ptycore.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+
+
+def _result(path):
+    from ptycore.recon.state import load_state
+    from ptycore.store import open_store
+
+    state, _ = load_state(path)
+    return state, dict(open_store(path).attrs)["provenance"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_result_of_one(tmp_path):
+    """``ptycore launch -n 2`` starts two real processes (one CPU device each) connected by
+    jax.distributed on 127.0.0.1; process 0 writes the result, the same as one process's."""
+    import numpy as np
+
+    plan = _stores(tmp_path)
+    common = ["--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--quiet"]
+    one = _cli(["reconstruct", *common, "--out", "one.zarr"], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "two.zarr"], tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    s1, _ = _result(tmp_path / "one.zarr")
+    s2, prov = _result(tmp_path / "two.zarr")
+    assert prov["placement"]["devices"] == 2 and prov["placement"]["processes"] == 2
+    assert prov["memory_estimate"]["devices"] == 2
+    for name in ("object_phase", "object_amplitude", "probe"):
+        a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
+        assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name
+    assert not (tmp_path / "two.zarr.partial").exists()
+
+
+def test_launch_without_a_command_is_one_line(tmp_path):
+    proc = _cli(["launch", "-n", "2"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ptycore launch: error: no command to launch: give it after '--', "
+        "e.g. 'ptycore launch -n 2 -- reconstruct ...'"]
+
+
+def test_launcher_detection():
+    from ptycore.distributed import launcher
+
+    assert launcher({}) is None
+    assert launcher({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # one task: nothing to connect
+    assert launcher({"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}) == "slurm"
+    assert launcher({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
+    assert launcher({"PMI_SIZE": "2"}) == "mpi"
+    assert launcher({"PTYCORE_COORDINATOR": "10.0.0.1:1234", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) == "explicit"

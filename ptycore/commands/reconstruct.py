@@ -28,6 +28,10 @@ def add_arguments(p):
     p.add_argument("--max-memory-gb", type=float, metavar="GB",
                    help="memory the run may use, instead of the free memory detected (device memory on a GPU): "
                         "the run is refused before it starts if its estimated peak is larger")
+    p.add_argument("--devices", metavar="N|all",
+                   help="devices to shard the scan positions over (data parallelism; same result up to float32 "
+                        "rounding): a number or 'all' (default: 1, or every device of every process when started "
+                        "as several processes by srun, mpirun or 'ptycore launch'); the memory estimate is per device")
 
 
 def check_checkpoints(out) -> None:
@@ -57,7 +61,12 @@ def check_checkpoints(out) -> None:
 
 
 def run(args) -> int:
+    from ptycore.distributed import initialize
     from ptycore.errors import InvalidArgument
+
+    if args.devices is not None and args.devices != "all" and not args.devices.isdigit():
+        raise InvalidArgument(f"--devices must be a number or 'all', got {args.devices!r}")
+    initialize()  # several processes (srun, mpirun, ptycore launch): connect them before JAX computes
     from ptycore.recon.reconstruct import reconstruct
 
     if args.max_memory_gb is not None and not args.max_memory_gb > 0:
@@ -67,7 +76,11 @@ def run(args) -> int:
 
     out = reconstruct(plan_path=args.plan, data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                      progress=not args.quiet, max_memory_gb=args.max_memory_gb)
+                      progress=not args.quiet, max_memory_gb=args.max_memory_gb, devices=args.devices)
+    from ptycore.distributed import is_writer
+
+    if not is_writer():
+        return 0
     if out.already_complete:
         print(f"{Path(out.path)} is already complete (same plan and inputs); nothing to resume")
     else:

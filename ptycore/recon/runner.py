@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptycore.distributed import is_writer
 from ptycore.errors import Diverged, Interrupted, InvalidData, InvalidPlan
 from ptycore.physics.electron import wavelength_A
 from ptycore.recon.context import Context, Measurement
@@ -306,13 +307,13 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
         for it in range(first, stage.iterations):
             t0 = time.perf_counter()
             carry, terms = engine.iteration(carry, it)
-            terms = jax.device_get(terms)  # waits for the iteration to finish
+            terms = jax.device_get(engine.local(terms))  # waits for the iteration to finish
             dt = time.perf_counter() - t0
             if it == first:
                 record.compile_seconds = dt
             record.seconds += dt
             scalars = {k: float(v) for k, v in terms.items() if np.ndim(v) == 0}
-            why = divergence(scalars, record.history, engine.to_state(carry), ctx.mean_counts)
+            why = divergence(scalars, record.history, engine.local(engine.to_state(carry)), ctx.mean_counts)
             if why:
                 kept = f"last good checkpoint: iteration {last_good} in {ckpt}" if last_good >= 0 and ckpt \
                     else "no checkpoint"
@@ -324,13 +325,15 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
             record.history.setdefault("s_per_iter", []).append(dt)
             bar.update(it, scalars, dt)
             if ckpt is not None and ((it + 1) % stage.checkpoint_every == 0 or it + 1 == stage.iterations):
-                save_checkpoint(ckpt, carry, it, record, plan_hash, inputs)
+                if is_writer():  # process 0 of several
+                    save_checkpoint(ckpt, engine.local(carry), it, record, plan_hash, inputs)
                 last_good = it
             if on_iteration is not None:
                 on_iteration(it, scalars)
             if stop is not None and stop.received is not None:
                 if ckpt is not None and last_good != it:
-                    save_checkpoint(ckpt, carry, it, record, plan_hash, inputs)
+                    if is_writer():
+                        save_checkpoint(ckpt, engine.local(carry), it, record, plan_hash, inputs)
                     last_good = it
                 name = signal.Signals(stop.received).name
                 written = f"checkpoint written to {ckpt}; rerun with --resume" if ckpt is not None \
@@ -340,4 +343,4 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     finally:
         bar.close()
     record.compilations = engine.compilations()
-    return engine.to_state(carry), record
+    return engine.local(engine.to_state(carry)), record

@@ -86,6 +86,14 @@ class Engine:
         out["probe_mode_powers"] = power / jnp.sum(power)
         return out
 
+    def local(self, tree):
+        """``tree`` readable on this process's host: with several processes the replicated
+        results span every process's devices, so each takes its own copy (one device's)."""
+        if self.placement.single or jax.process_count() == 1:
+            return tree
+        return jax.tree_util.tree_map(
+            lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
+
     def compilations(self) -> int:
         return int(self._iteration._cache_size())
 
