@@ -141,3 +141,22 @@ def test_launcher_detection():
     assert launcher({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
     assert launcher({"PMI_SIZE": "2"}) == "mpi"
     assert launcher({"PTYCORE_COORDINATOR": "10.0.0.1:1234", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) == "explicit"
+
+
+def test_memory_estimate_is_per_device():
+    """On N devices a device holds 1/N of the patterns and of each batch's waves, and the whole
+    state (replicated)."""
+    from ptycore.plan import parse_plan
+    from ptycore.recon import memory
+
+    stages = parse_plan({"stages": [{"name": "s", "engine": "gradient", "iterations": 1, "batch_size": 256,
+                                     "optimize": {"object_phase": {"lr": 0.1}}}]}).stages
+    shapes = memory.stage_shapes(stages, n_positions=40000, detector_px=(128, 128),
+                                 state_shapes={"object": (1, 8, 900, 900), "probe": (4, 128, 128),
+                                               "slice_thickness_A": 2.0})
+    one = memory.estimate(shapes, stored_detector_px=(128, 128))
+    four = memory.estimate(shapes, stored_detector_px=(128, 128), devices=4)
+    assert four.parts["data"] == one.parts["data"] // 4
+    assert four.parts["working set"] < 0.3 * one.parts["working set"]
+    assert four.parts["optimiser"] == one.parts["optimiser"]  # replicated
+    assert four.device < one.device
