@@ -35,6 +35,10 @@ def add_arguments(p):
     p.add_argument("--max-memory-gb", type=float, metavar="GB",
                    help="memory the run may use, instead of the free memory detected (device memory on a GPU): "
                         "the run is refused before it starts if its estimated peak is larger")
+    p.add_argument("--devices", metavar="N|all",
+                   help="devices to shard the scan positions over (data parallelism; same result up to float32 "
+                        "rounding): a number or 'all' (default: 1, or every device of every process when started "
+                        "as several processes by srun, mpirun or 'ptycore launch'); the memory estimate is per device")
 
 
 def check_checkpoints(out) -> None:
@@ -64,7 +68,12 @@ def check_checkpoints(out) -> None:
 
 
 def run(args) -> int:
+    from ptycore.distributed import initialize
     from ptycore.errors import InvalidArgument
+
+    if args.devices is not None and args.devices != "all" and not args.devices.isdigit():
+        raise InvalidArgument(f"--devices must be a number or 'all', got {args.devices!r}")
+    initialize()  # several processes (srun, mpirun, ptycore launch): connect them before JAX computes
     from ptycore.recon.reconstruct import reconstruct
 
     if args.max_memory_gb is not None and not args.max_memory_gb > 0:
@@ -75,12 +84,15 @@ def run(args) -> int:
         check_checkpoints(args.out)
 
     from ptycore.commands.plans import plan_path
+    from ptycore.distributed import is_writer
 
     out = reconstruct(plan_path=plan_path(args.plan), data_path=args.data, init_path=args.init, out_path=args.out,
                       stage=args.stage, resume=args.resume, restart_stale=args.restart_stale,
                       overwrite=args.overwrite, seed=args.seed,
-                      progress=not args.quiet, max_memory_gb=args.max_memory_gb,
+                      progress=not args.quiet, max_memory_gb=args.max_memory_gb, devices=args.devices,
                       **({"on_warning": None} if args.quiet else {}))
+    if not is_writer():
+        return 0
     if out.already_complete:
         print(f"{Path(out.path)} is already complete (same plan and inputs); nothing to resume")
     else:

@@ -27,6 +27,8 @@ class Measurement:
     #: (ky, kx) float32 in FFT order, 1 for a good detector pixel, 0 for a bad one or a chip gap
     #: (excluded from every loss); None: every pixel is good
     detector_mask: jnp.ndarray | None = None
+    #: the devices the reconstruction runs on (``ptycore.recon.placement.Placement``); None: one device
+    placement: object | None = None
 
     @property
     def n_positions(self) -> int:

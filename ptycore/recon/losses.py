@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ptycore.recon.placement import positions_sum
+
 _EPS = 1e-12
 
 
 def _masked_sum(x, mask):
-    return jnp.sum(jnp.sum(x, axis=(-2, -1)) * mask)
+    """Sum over the batch's positions (over every device's share on N devices)."""
+    return positions_sum(jnp.sum(jnp.sum(x, axis=(-2, -1)) * mask))
 
 
 def single(model, measured, mask):
@@ -39,9 +42,9 @@ def anscombe(model, measured, mask):
 
 def pacbed(model, measured, mask):
     """Match of the batch-mean (position-averaged, PACBED) pattern, relative amplitude error."""
-    w = mask / (jnp.sum(mask) + _EPS)
-    mean_model = jnp.einsum("b,byx->yx", w, model)
-    mean_measured = jnp.einsum("b,byx->yx", w, measured)
+    w = mask / (positions_sum(jnp.sum(mask)) + _EPS)
+    mean_model = positions_sum(jnp.einsum("b,byx->yx", w, model))
+    mean_measured = positions_sum(jnp.einsum("b,byx->yx", w, measured))
     err = jnp.sum((jnp.sqrt(mean_model + _EPS) - jnp.sqrt(mean_measured)) ** 2)
     return jnp.sqrt(err / (jnp.sum(mean_measured) + _EPS) + _EPS)
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ptycore.errors import InsufficientMemory
@@ -156,14 +156,19 @@ def stage_bytes(shape: StageShape) -> dict[str, int]:
             "working set": working}
 
 
-def estimate(shapes: list[StageShape], *, stored_detector_px: tuple[int, int]) -> Estimate:
+def estimate(shapes: list[StageShape], *, stored_detector_px: tuple[int, int], devices: int = 1) -> Estimate:
     """The peak over the stages (the data stay resident; each stage's state, optimiser and
     working set live only while it runs) and over the two phases of a run: loading the data
-    (``LOAD_COPIES`` host copies of the patterns next to the device copy) and iterating."""
-    n_pos = shapes[0].n_positions
+    (``LOAD_COPIES`` host copies of the patterns next to the device copy) and iterating.
+    On ``devices`` > 1 (ptycore/recon/placement.py) ``device`` is one device's share: its
+    positions' patterns and a sub-batch of ``ceil(batch / devices)`` positions, with the state
+    and optimiser replicated."""
+    n_pos = math.ceil(shapes[0].n_positions / devices)
     data = n_pos * stored_detector_px[0] * stored_detector_px[1] * 4
     best = None
     for shape in shapes:
+        if devices > 1:
+            shape = replace(shape, n_positions=n_pos, batch_size=math.ceil(shape.batch_size / devices))
         parts = stage_bytes(shape)
         parts["data"] = data  # the full data stay loaded
         if shape.detector_px != tuple(stored_detector_px):

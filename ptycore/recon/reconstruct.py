@@ -10,6 +10,7 @@ and refused otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import sys
@@ -20,13 +21,24 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from ptycore.distributed import is_writer
 from ptycore.errors import InvalidArgument, InvalidData, PtycoreError
 from ptycore.plan import load_plan
 from ptycore.recon import memory
 from ptycore.recon.context import load_measurement
+from ptycore.recon.placement import Placement
 from ptycore.recon.runner import StopSignals, check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
-from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
+from ptycore.store import (
+    atomic_output,
+    checksum,
+    create_store,
+    now_iso,
+    open_store,
+    partial_path,
+    provenance,
+    write_array,
+)
 
 
 class Outcome(NamedTuple):
@@ -43,12 +55,12 @@ def _stored_patterns_shape(data_path) -> tuple[int, ...] | None:
         return None
 
 
-def estimate_memory(stages, state, patterns_shape) -> memory.Estimate:
+def estimate_memory(stages, state, patterns_shape, devices: int = 1) -> memory.Estimate:
     """The run's peak memory from the data's and the init's shapes (see ptycore.recon.memory)."""
     shapes = memory.stage_shapes(stages, n_positions=patterns_shape[0], detector_px=patterns_shape[1:],
                                  state_shapes={"object": state.object_phase.shape, "probe": state.probe.shape,
                                                "slice_thickness_A": float(state.slice_thickness_A)})
-    return memory.estimate(shapes, stored_detector_px=patterns_shape[1:])
+    return memory.estimate(shapes, stored_detector_px=patterns_shape[1:], devices=devices)
 
 
 def input_checksums(data_path, init_path) -> dict:
@@ -144,12 +156,31 @@ def resolve_plan(plan, data_path, init_path, state):
     return plan, facts, notes, autoplan.slice_warnings(facts, plan.stages, state.n_slices, total)
 
 
+def make_placement(devices) -> Placement | None:
+    """The run's devices: ``devices`` a count, ``"all"`` (every device of every process), or None
+    (one device; all of them when ``jax.distributed`` connected several processes)."""
+    if devices is None:
+        devices = "all" if jax.process_count() > 1 else 1
+    n = len(jax.devices()) if devices == "all" else int(devices)
+    if n > len(jax.devices()):
+        raise InvalidArgument(f"--devices {n}: the run has {len(jax.devices())} device(s) "
+                              f"({jax.process_count()} process(es) × {jax.local_device_count()} local)")
+    if n < 1:
+        raise InvalidArgument(f"--devices must be >= 1, got {n}")
+    return Placement.from_count(n) if n > 1 else None
+
+
 def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, restart_stale=False,
-                overwrite=False,
-                seed=None, progress=True, max_memory_gb=None, on_iteration=None, on_warning=_print_warning) -> Outcome:
+                overwrite=False, seed=None, progress=True, max_memory_gb=None, on_iteration=None,
+                on_warning=_print_warning, devices=None) -> Outcome:
     """``on_iteration(iteration, scalars)``: see ``run_stage``; ``iteration`` counts over the stages run.
-    ``on_warning(line)`` gets each physics warning (slices, probe window, overlap) before the run."""
+    ``on_warning(line)`` gets each physics warning (slices, probe window, overlap) before the run.
+    ``devices``: see :func:`make_placement`. With several processes, process 0 writes the result
+    and the checkpoints; every process reads the checkpoints on ``resume``."""
     started = now_iso()
+    placement = make_placement(devices)
+    n_devices = 1 if placement is None else placement.n_devices
+    writer = is_writer()
     out_path = Path(out_path)
     plan = load_plan(plan_path)
     state, pixel_A = load_state(init_path)
@@ -167,7 +198,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                               "inputs (remove it or pass --overwrite)")
     estimate = available = None
     if patterns_shape is not None and len(patterns_shape) == 3:  # before loading anything large
-        estimate = estimate_memory(stages, state, patterns_shape)
+        estimate = estimate_memory(stages, state, patterns_shape, n_devices)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
     measurement = load_measurement(data_path)
@@ -181,8 +212,13 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         for line in physics_warnings:
             on_warning(line)
     records = []
-    with StopSignals() as stop, atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
-        tmp.mkdir(parents=True, exist_ok=True)
+    if not writer:  # another process writes; this one computes its share and reads the checkpoints
+        output = contextlib.nullcontext(partial_path(out_path))
+    else:
+        output = atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True)
+    with StopSignals() as stop, output as tmp:
+        if writer:
+            tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         done = 0  # iterations of the stages before this one (for on_iteration)
         for stage_cfg in stages:
@@ -191,9 +227,11 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
             state, record = run_stage(stage_cfg, index, state, measurement, seed=plan.seed, plan_hash=plan_hash,
                                       workdir=tmp, resume=resume, progress=progress, inputs=inputs, stop=stop,
                                       restart_stale=restart_stale,
-                                      on_iteration=hook)
+                                      on_iteration=hook, placement=placement)
             done += stage_cfg.iterations
             records.append(record)
+        if not writer:
+            return Outcome(out_path)
         # a signal from here on waits: writing the result takes seconds, and the run is then done
         group = create_store(tmp / "result.zarr.tmp")
         write_state(group, state)
@@ -226,11 +264,12 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                 stage_grids={r.name: {"pixel_size_A": r.pixel_size_A, "detector_px": list(r.detector_px)}
                              for r in records},
                 compilations=sum(r.compilations for r in records),
+                placement=(Placement() if placement is None else placement).describe(),
                 memory_estimate=None if estimate is None else {
                     **estimate.as_record(),
                     "host_free_GB": None if available.host is None else round(available.host / memory.GB, 3),
                     "device_free_GB": None if available.device is None else round(available.device / memory.GB, 3),
-                    "max_memory_gb": max_memory_gb},
+                    "max_memory_gb": max_memory_gb, "devices": n_devices},
             ),
         })
         # the store is the output: move it up, drop the checkpoints

@@ -42,13 +42,14 @@ import sys
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptycore.distributed import is_writer
 from ptycore.errors import Diverged, Interrupted, InvalidData, InvalidPlan
 from ptycore.physics.electron import wavelength_A
 from ptycore.recon.context import Context, Measurement
@@ -269,7 +270,7 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
               workdir: Path | None, resume: bool = False, progress: bool = True,
               bandlimit: float | None = 2 / 3, inputs: dict | None = None,
               stop: StopSignals | None = None, on_iteration=None, observe=None,
-              restart_stale: bool = False) -> tuple[State, StageRecord]:
+              restart_stale: bool = False, placement=None) -> tuple[State, StageRecord]:
     """Run one stage from ``state``; returns the final state and the stage's record.
 
     ``on_iteration(it, scalars)``, if given, is called after every iteration (once its history
@@ -287,8 +288,11 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     ``inputs`` (``{"data": {"path", "checksum"}, "init": {...}}``) goes into every checkpoint and
     must match on resume. With ``stop`` (a :class:`StopSignals`), a signal ends the stage after
     the current iteration with a checkpoint and ``Interrupted``. Raises ``Diverged`` (see the
-    module docstring) without overwriting the last good checkpoint."""
+    module docstring) without overwriting the last good checkpoint. ``placement``
+    (``ptycore.recon.placement.Placement``) runs the stage on several devices (default: one)."""
     measurement = stage_measurement(stage, measurement)
+    if placement is not None:
+        measurement = replace(measurement, placement=placement)
     state = resample_state(state, stage.resample, measurement.pixel_size_A, measurement.detector_shape)
     ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], bandlimit)
     engine = make_engine(stage, ctx, measurement, state, seed, stage_index)
@@ -317,13 +321,13 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
         for it in range(first, stage.iterations):
             t0 = time.perf_counter()
             carry, terms = engine.iteration(carry, it)
-            terms = jax.device_get(terms)  # waits for the iteration to finish
+            terms = jax.device_get(engine.local(terms))  # waits for the iteration to finish
             dt = time.perf_counter() - t0
             if it == first:
                 record.compile_seconds = dt
             record.seconds += dt
             scalars = {k: float(v) for k, v in terms.items() if np.ndim(v) == 0}
-            why = divergence(scalars, record.history, engine.to_state(carry), ctx.mean_counts)
+            why = divergence(scalars, record.history, engine.local(engine.to_state(carry)), ctx.mean_counts)
             if why:
                 kept = f"last good checkpoint: iteration {last_good} in {ckpt}" if last_good >= 0 and ckpt \
                     else "no checkpoint"
@@ -335,15 +339,17 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
             record.history.setdefault("s_per_iter", []).append(dt)
             bar.update(it, scalars, dt)
             if ckpt is not None and ((it + 1) % stage.checkpoint_every == 0 or it + 1 == stage.iterations):
-                save_checkpoint(ckpt, carry, it, record, plan_hash, inputs)
+                if is_writer():  # process 0 of several
+                    save_checkpoint(ckpt, engine.local(carry), it, record, plan_hash, inputs)
                 last_good = it
             if on_iteration is not None:
                 on_iteration(it, scalars)
             if observe is not None:
-                observe(it, scalars, engine.to_state(carry), record.seconds)
+                observe(it, scalars, engine.local(engine.to_state(carry)), record.seconds)
             if stop is not None and stop.received is not None:
                 if ckpt is not None and last_good != it:
-                    save_checkpoint(ckpt, carry, it, record, plan_hash, inputs)
+                    if is_writer():
+                        save_checkpoint(ckpt, engine.local(carry), it, record, plan_hash, inputs)
                     last_good = it
                 name = signal.Signals(stop.received).name
                 written = f"checkpoint written to {ckpt}; rerun with --resume" if ckpt is not None \
@@ -353,4 +359,4 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     finally:
         bar.close()
     record.compilations = engine.compilations()
-    return engine.to_state(carry), record
+    return engine.local(engine.to_state(carry)), record

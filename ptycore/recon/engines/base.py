@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptycore.recon.grouping import make_batches, split_validation
+from ptycore.recon.grouping import make_batches, n_batches, split_validation
 from ptycore.recon.losses import DATA_LOSSES
+from ptycore.recon.placement import Placement
 from ptycore.recon.problem import Problem
 from ptycore.recon.state import State
 
@@ -27,6 +28,10 @@ def data_fit_name(losses) -> str:
 
 
 class Engine:
+    #: True for an engine whose batches are the same every iteration (LM): on N devices they are
+    #: split once; otherwise ``random`` grouping draws per-device batches (see recon/placement.py)
+    fixed_batches = False
+
     def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
         self.stage = stage
         self.ctx = context
@@ -42,7 +47,26 @@ class Engine:
         self.problem = Problem(context.optics, losses=stage.losses, per_position_tilts=self.per_position_tilts,
                                noise_model="poisson" if noise_model == "poisson" else "amplitude",
                                detector_mask=measurement.detector_mask)
-        self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+        #: where the iteration runs (the measurement's placement: one device unless the runner gave N)
+        self.placement = getattr(measurement, "placement", None) or Placement()
+        if self.placement.single:
+            self._iteration = jax.jit(self._iteration_impl, donate_argnums=(0,))
+        else:
+            self._place(measurement)
+            self._iteration = jax.jit(self.placement.map_iteration(self._iteration_impl), donate_argnums=(0,))
+
+    def _place(self, measurement):
+        """N devices: owners of the positions (from the first iteration's batches), the patterns
+        sharded by owner (each process reads its own rows), the held-out batches split once."""
+        rng = np.random.default_rng([self.seed, self.stage_index, 0])
+        first = make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
+        val = self._validation_batches_host()
+        owner, sizes = self.placement.assign(measurement.n_positions, first, *([val] if val is not None else []))
+        self._owner, self._sub_batch = owner, sizes[0]
+        intensities = measurement.intensities
+        self.measured = self.placement.patterns(owner, lambda rows: np.asarray(intensities[rows]))
+        self._val_split = None if val is None else self.placement.split(*val, owner, sizes[1])
+        self._split_cache = None
 
     def summarise(self, state, measured, terms, val_batches, val_masks, fit=None):
         """Inside the compiled iteration: batch-mean terms, the held-out loss (``fit``, by default
@@ -62,6 +86,14 @@ class Engine:
         out["probe_mode_powers"] = power / jnp.sum(power)
         return out
 
+    def local(self, tree):
+        """``tree`` readable on this process's host: with several processes the replicated
+        results span every process's devices, so each takes its own copy (one device's)."""
+        if self.placement.single or jax.process_count() == 1:
+            return tree
+        return jax.tree_util.tree_map(
+            lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
+
     def compilations(self) -> int:
         return int(self._iteration._cache_size())
 
@@ -73,15 +105,40 @@ class Engine:
         rng = np.random.default_rng([self.seed, self.stage_index, it])
         return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
 
-    def validation_batches(self):
+    def _validation_batches_host(self):
         if len(self.val_idx) == 0:
-            return None, None
+            return None
         rng = np.random.default_rng([self.seed, self.stage_index, 0])
-        idx, mask = make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
-        return jnp.asarray(idx), jnp.asarray(mask)
+        return make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
+
+    def validation_batches(self):
+        if not self.placement.single:
+            return self._val_split or (None, None)
+        val = self._validation_batches_host()
+        if val is None:
+            return None, None
+        return jnp.asarray(val[0]), jnp.asarray(val[1])
+
+    def device_batches(self, it: int):
+        """This iteration's batches as the compiled call takes them: (n_batches, B) on one device,
+        per-device sub-batches (n_batches, N × B/N) on N (see recon/placement.py)."""
+        if self.placement.single:
+            idx, mask = self.batches(it)
+            return jnp.asarray(idx), jnp.asarray(mask)
+        if self.fixed_batches:
+            if self._split_cache is None:
+                self._split_cache = self.placement.split(*self.batches(it), self._owner, self._sub_batch)
+            return self._split_cache
+        if self.stage.grouping == "random":
+            rng = np.random.default_rng([self.seed, self.stage_index, it])
+            nb = n_batches(len(self.train_idx), self.batch_size)
+            return self.placement.stratified(self._owner, self.train_idx, nb, self._sub_batch, rng)
+        return self.placement.split(*self.batches(it), self._owner, self._sub_batch)
 
     def iteration(self, carry, it: int):
-        idx, mask = self.batches(it)
+        idx, mask = self.device_batches(it)
         val_idx, val_mask = self.validation_batches()
-        return self._iteration(carry, self.measured, jnp.asarray(idx), jnp.asarray(mask), val_idx, val_mask,
-                               self.hyper(it))
+        hyper = self.hyper(it)
+        if not self.placement.single:
+            carry, hyper = self.placement.replicate((carry, hyper))
+        return self._iteration(carry, self.measured, idx, mask, val_idx, val_mask, hyper)

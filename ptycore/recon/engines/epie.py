@@ -49,6 +49,7 @@ from ptycore.recon.constraints import apply_constraints
 from ptycore.recon.engines.base import Engine
 from ptycore.recon.engines.registry import REGISTRY
 from ptycore.recon.losses import DATA_LOSSES, single
+from ptycore.recon.placement import positions_scatter_add, positions_sum, varying_like
 from ptycore.recon.state import State
 
 PROJECTION_PARAMETERS = REGISTRY["epie"].parameters
@@ -132,13 +133,13 @@ class ProjectionEngine(Engine):
         """Sum patches ``values`` (batch, ny, nx) into an object-frame array ``shape`` at ``top_left``
         (the transpose of the crop: one scatter-add, overlapping patches accumulate)."""
         crop = lambda a: crop_patches(a, top_left, values.shape[-2:])  # noqa: E731
-        return jax.linear_transpose(crop, jnp.zeros(shape, values.dtype))(values)[0]
+        return positions_sum(jax.linear_transpose(crop, jnp.zeros(shape, values.dtype))(values)[0])
 
     @staticmethod
     def _unshift_sum(values, ramp):
         """Adjoint of the probe's sub-pixel shift, summed over the batch: (batch, modes, ny, nx) →
         (modes, ny, nx) in the probe frame (the sum taken in Fourier space: one inverse FFT per mode)."""
-        return jnp.fft.ifft2(jnp.sum(jnp.fft.fft2(values) * jnp.conj(ramp)[:, None], axis=0))
+        return jnp.fft.ifft2(positions_sum(jnp.sum(jnp.fft.fft2(values) * jnp.conj(ramp)[:, None], axis=0)))
 
     def _position_step(self, fwd, chi, mask, lr):
         """Least-squares position change (batch, 2) in Å from the first slice's exit-wave
@@ -164,8 +165,9 @@ class ProjectionEngine(Engine):
     def _move_positions(self, state: State, fwd, chi, mask, idx, lr):
         """Apply :meth:`_position_step` (only computed while positions are being refined)."""
         step = lax.cond(lr > 0, lambda: self._position_step(fwd, chi, mask, lr),
-                        lambda: jnp.zeros(state.positions_A[idx].shape, state.positions_A.dtype))
-        return state._replace(positions_A=state.positions_A.at[idx].add(step.astype(state.positions_A.dtype)))
+                        lambda: varying_like(jnp.zeros(state.positions_A[idx].shape, state.positions_A.dtype), idx))
+        return state._replace(positions_A=positions_scatter_add(state.positions_A, idx,
+                                                                step.astype(state.positions_A.dtype)))
 
     @staticmethod
     def _back_propagate(values, kernel):
@@ -201,7 +203,7 @@ class ProjectionEngine(Engine):
             else:
                 state = self._move_positions(state, fwd, chi, mask, idx, lr["positions"])
                 dprobe = self._unshift_sum(jnp.conj(obj)[:, None] * chi, fwd["ramp"])
-                norm = jnp.max(jnp.sum(obj2 * weight, axis=0)) + _EPS
+                norm = jnp.max(positions_sum(jnp.sum(obj2 * weight, axis=0))) + _EPS
                 probe = state.probe + (lr["probe"] * dprobe / norm).astype(state.probe.dtype)
         dt = jnp.stack(dt[::-1])
         state = self._apply_object(state, t, dt, lr["object_phase"], lr["object_amplitude"])

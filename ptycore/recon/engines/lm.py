@@ -42,6 +42,7 @@ from ptycore.physics.shifts import crop_patches, split_positions
 from ptycore.recon.constraints import apply_constraints
 from ptycore.recon.engines.base import Engine
 from ptycore.recon.parameters import Parameters, PixelProbe
+from ptycore.recon.placement import positions_sum, varying_like
 from ptycore.recon.state import State
 
 #: smallest gain ratio of an accepted step
@@ -98,6 +99,8 @@ def pcg(matvec, b, x0, precondition, *, max_iterations: int, tolerance: float):
 class LMEngine(Engine):
     """Matrix-free Levenberg-Marquardt (see the module docstring)."""
 
+    fixed_batches = True
+
     def __init__(self, stage, context, measurement, state: State, *, seed: int, stage_index: int = 0):
         super().__init__(stage, context, measurement, state, seed=seed, stage_index=stage_index)
         self.options = stage.options
@@ -144,7 +147,7 @@ class LMEngine(Engine):
         def body(total, batch):
             idx, mask = batch
             _, _, loss = self.problem.residuals(self.amplitudes(params, state, idx), measured[idx], mask)
-            return total + jnp.sum(loss), None
+            return total + positions_sum(jnp.sum(loss)), None
 
         total, _ = lax.scan(body, jnp.zeros((), measured.dtype), (batches, masks))
         return total * self.norm
@@ -156,11 +159,12 @@ class LMEngine(Engine):
             idx, mask = batch
             a, vjp = jax.vjp(lambda p: self.amplitudes(p, state, idx), params)
             r, h, loss = self.problem.residuals(a, measured[idx], mask)
-            (g,) = vjp(h * r)
+            (g,) = positions_sum(vjp(h * r))
             total, grad, scale = acc
-            scale = jax.tree_util.tree_map(jnp.add, scale, self._batch_scale(params, state, idx, mask, h))
+            scale = jax.tree_util.tree_map(jnp.add, scale,
+                                           positions_sum(self._batch_scale(params, state, idx, mask, h)))
             terms = self.problem.data_terms(a * a, measured[idx], mask, self._term_names())
-            return (total + jnp.sum(loss), jax.tree_util.tree_map(jnp.add, grad, g), scale), terms
+            return (total + positions_sum(jnp.sum(loss)), jax.tree_util.tree_map(jnp.add, grad, g), scale), terms
 
         init = (jnp.zeros((), measured.dtype), _zeros(params), _zeros(params))
         (total, grad, scale), terms = lax.scan(body, init, (batches, masks))
@@ -197,7 +201,8 @@ class LMEngine(Engine):
             for axis in (0, 1):
                 tangent = _zeros(params)
                 tangent["positions"] = tangent["positions"].at[idx, axis].set(1.0)
-                _, jv = jax.jvp(f, (params,), (tangent,))
+                # on N devices the tangent is the device's own positions: primal and tangent vary
+                _, jv = jax.jvp(f, (varying_like(params, idx),), (varying_like(tangent, idx),))
                 rows.append(jnp.sum(h * jv**2, axis=(-2, -1)))  # (batch,)
             diag = jnp.stack(rows, axis=-1) * mask[:, None]
             out["positions"] = jnp.zeros_like(params["positions"]).at[idx].add(diag)
@@ -210,7 +215,7 @@ class LMEngine(Engine):
             idx, mask = batch
             a, f_jvp = jax.linearize(lambda p: self.amplitudes(p, state, idx), params)
             _, h, _ = self.problem.residuals(a, measured[idx], mask)
-            (jtu,) = jax.linear_transpose(f_jvp, params)(h * f_jvp(v))
+            (jtu,) = positions_sum(jax.linear_transpose(f_jvp, params)(h * f_jvp(v)))
             return jax.tree_util.tree_map(jnp.add, acc, jtu), None
 
         total, _ = lax.scan(body, _zeros(params), (batches, masks))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from ptycore.physics.shifts import crop_patches
 from ptycore.recon.engines.epie import ProjectionEngine, _abs2, _re_dot, _solve2, _sum_modes
+from ptycore.recon.placement import positions_sum
 
 _EPS = 1e-12
 #: regularisation of the direction's denominator, relative to its maximum
@@ -47,11 +48,9 @@ POISSON_MODEL_FLOOR = 1e-2
 
 def _steps(u, v, chi, use_u, use_v):
     """Least-squares steps (a_u, a_v) minimising ||chi - a_u u - a_v v||^2 (sums over everything)."""
-    a11 = jnp.sum(_abs2(u))
-    a22 = jnp.sum(_abs2(v))
-    a12 = _re_dot(u, v) * use_u * use_v
-    b1 = _re_dot(u, chi) * use_u
-    b2 = _re_dot(v, chi) * use_v
+    a11, a22, a12, b1, b2 = positions_sum((jnp.sum(_abs2(u)), jnp.sum(_abs2(v)), _re_dot(u, v), _re_dot(u, chi),
+                                           _re_dot(v, chi)))
+    a12, b1, b2 = a12 * use_u * use_v, b1 * use_u, b2 * use_v
     return _solve2(jnp.where(use_u, a11, 1.0), a12, jnp.where(use_v, a22, 1.0), b1, b2)
 
 
@@ -61,11 +60,9 @@ def _steps_inner(d_obj_patch, g, psi2, w, chi2, use_object):
     ``w = |O|^2 / (|O|^2 + delta)``, so with ``g = sum_modes conj(psi) chi`` every entry of the
     2x2 system is a real sum (the same numbers, a fraction of the passes over the waves)."""
     r = d_obj_patch.real * g.real + d_obj_patch.imag * g.imag  # Re conj(u) chi, summed over modes
-    a11 = jnp.sum(_abs2(d_obj_patch) * psi2)
-    a12 = jnp.sum(w * r) * use_object
-    a22 = jnp.sum(w * w * chi2)
-    b1 = jnp.sum(r) * use_object
-    b2 = jnp.sum(w * chi2)
+    a11, a12, a22, b1, b2 = positions_sum((jnp.sum(_abs2(d_obj_patch) * psi2), jnp.sum(w * r),
+                                           jnp.sum(w * w * chi2), jnp.sum(r), jnp.sum(w * chi2)))
+    a12, b1 = a12 * use_object, b1 * use_object
     return _solve2(jnp.where(use_object, a11, 1.0), a12, a22, b1, b2)
 
 
@@ -121,7 +118,7 @@ class LSQMLEngine(ProjectionEngine):
             else:
                 state = self._move_positions(state, fwd, chi, mask, idx, lr["positions"])
                 num_p = self._unshift_sum(jnp.conj(obj)[:, None] * chi, fwd["ramp"])
-                den_p = jnp.sum(obj2 * weight, axis=0)
+                den_p = positions_sum(jnp.sum(obj2 * weight, axis=0))
                 d_probe = num_p / (den_p + DELTA * jnp.max(den_p) + _EPS)
                 u = d_obj_patch[:, None] * psi
                 v = obj[:, None] * jnp.fft.ifft2(jnp.fft.fft2(d_probe)[None] * fwd["ramp"][:, None])
