@@ -4,8 +4,9 @@ Works on every ptycore store (data, prepared, init, result, truth, an aggregate'
 it walks the groups, prints each array's name, shape, dtype and chunks, the attributes (long
 values shortened unless ``--full``), a provenance summary with its upstream chain, and the
 last value of every ``history/`` array, the networks that generated the object or probe
-(``networks/<stage>/<field>``: architecture, parameter count, pre-training loss), and whether the store's manifest is whole (``--verify``:
-every file's size and CRC-32 against the manifest, see :mod:`ptycore.store`).
+(``networks/<stage>/<field>``: architecture, parameter count, pre-training loss), and whether
+the store's manifest is whole (``--verify``: every file's size and CRC-32 against the
+manifest, see :mod:`ptycore.store`).
 """
 
 from __future__ import annotations

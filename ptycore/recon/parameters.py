@@ -18,10 +18,10 @@ besides the state (nothing for pixels, which *are* the state; a network's weight
 update. ``render`` also takes the part's ``carried`` (a network needs its input and noise
 step; pixels ignore it), and a part may have ``finish(state, carried)``: the state as its
 parameters now stand (a network's noise-free output, see :mod:`ptycore.recon.networks`),
-called by the engine after its steps and before constraints. Pixels add the update to the state's own array, so a parameter whose update is 0 stays
-exactly as it was (a frozen probe is bit-for-bit the incoming one); a network adds it to its
-weights and renders. Constraints act on the rendered state; engines, losses and stores never
-see anything else.
+called by the engine after its steps and before constraints. Pixels add the update to the
+state's own array, so a parameter whose update is 0 stays exactly as it was (a frozen probe is
+bit-for-bit the incoming one); a network adds it to its weights and renders. Constraints act on
+the rendered state; engines, losses and stores never see anything else.
 """
 
 from __future__ import annotations
