@@ -297,3 +297,10 @@ def test_dgp_at_low_dose_is_as_good_as_pixels_at_equal_iterations():
                                                                         ("dgp", dgp))}
     assert ssim["dgp"] > ssim["warm"] and ssim["dgp"] >= 0.75, ssim
     assert ssim["dgp"] >= ssim["pixel"] - 0.02, ssim
+
+
+def test_report_lists_the_networks(runs):
+    from ptycore.report import provenance_html
+
+    html = provenance_html(zarr.open_group(str(runs / "full.zarr"), mode="r").attrs["provenance"])
+    assert "<h3>Networks</h3>" in html and "U-Net 2 levels, 4 filters" in html
