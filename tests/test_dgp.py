@@ -172,15 +172,18 @@ def test_a_network_stage_needs_no_optimize_and_pixel_plans_keep_their_hash():
 
 
 # ---------------------------------------------------------------- the gradient engine with networks
-def test_network_onset_does_not_recompile_and_history_has_the_pretraining():
+def test_network_onset_does_not_recompile_and_progress_shows_size_and_pretraining(capsys):
     syn = make_synthetic(n_det=32, scan=6, counts=1e3)
     stage = parse_plan({"stages": [{"name": "d", "iterations": 4, "batch_size": 18,
                                     "object": {**TINY, "output": "phase", "pretrain_iterations": 5, "start": 2},
                                     "probe": {**TINY, "pretrain_iterations": 3},
                                     "optimize": {"positions": {"lr": 0.001, "start": 1}}}]}).stages[0]
     state = syn.flat_state()
-    out, record = run_stage(stage, 0, state, syn.measurement, seed=0, plan_hash="h", workdir=None, progress=False)
+    out, record = run_stage(stage, 0, state, syn.measurement, seed=0, plan_hash="h", workdir=None, progress=True)
     assert record.compilations == 1
+    err = capsys.readouterr().err
+    assert f"[d] object network: U-Net 2 levels, 4 filters, 1 channels, {unet_parameter_count(1, 2, 4):,} " \
+           "parameters; pre-training 5 it: loss" in err and "[d] probe network: U-Net" in err
     assert len(record.pretrain["object"]) == 5 and len(record.pretrain["probe"]) == 3
     assert record.networks["object"]["parameters"] == unet_parameter_count(1, 2, 4)
     assert record.networks["probe"]["parameters"] == unet_parameter_count(2, 2, 4)
@@ -253,16 +256,6 @@ def test_inspect_lists_the_networks(runs, capsys):
     line = next(x for x in out.splitlines() if "dgp/object:" in x)
     assert f"{unet_parameter_count(1, 2, 4):,} parameters" in line and "2 levels, 4 filters" in line
     assert "pre-training loss" in line and "dgp/probe:" in out
-
-
-def test_progress_shows_network_size_and_pretraining_loss(capsys):
-    syn = make_synthetic(n_det=32, scan=6, counts=1e3)
-    stage = parse_plan({"stages": [{"name": "d", "iterations": 1, "batch_size": 36,
-                                    "object": {**TINY, "pretrain_iterations": 3}}]}).stages[0]
-    run_stage(stage, 0, syn.flat_state(), syn.measurement, seed=0, plan_hash="h", workdir=None, progress=True)
-    err = capsys.readouterr().err
-    assert f"[d] object network: U-Net 2 levels, 4 filters, 2 channels, {unet_parameter_count(2, 2, 4):,} " \
-           "parameters; pre-training 3 it: loss" in err
 
 
 def test_noise_sigma_is_a_fraction_of_the_input_range():
