@@ -170,6 +170,19 @@ def provenance_html(prov: Mapping) -> str:
             f"</td><td class='num'>{fmt(t.get('compilations'))}</td><td>{fmt(t.get('resumed_from'))}</td></tr>"
             for name, t in timings.items() if isinstance(t, Mapping))
         html += "<h3>Stage timings</h3><table>" + head + body + "</table>"
+    networks = prov.get("networks") or {}
+    rows = [(stage, name, net) for stage, nets in networks.items() if isinstance(nets, Mapping)
+            for name, net in nets.items() if isinstance(net, Mapping)]
+    if rows:  # deep generative prior: the networks that made the object / probe
+        head = ("<tr><th>stage</th><th>network</th><th>architecture</th><th>parameters</th>"
+                "<th>pre-training iterations</th><th>pre-training loss (first → last)</th></tr>")
+        body = "".join(
+            f"<tr><td>{escape(stage)}</td><td>{escape(name)}</td><td>{escape(str(net.get('architecture')))} "
+            f"{fmt(net.get('levels'))} levels, {fmt(net.get('filters'))} filters</td>"
+            f"<td class='num'>{fmt(net.get('parameters'))}</td><td class='num'>{fmt(net.get('pretrain_iterations'))}"
+            f"</td><td class='num'>{fmt(net.get('pretrain_loss_first'))} → {fmt(net.get('pretrain_loss_last'))}</td>"
+            "</tr>" for stage, name, net in rows)
+        html += "<h3>Networks</h3><table>" + head + body + "</table>"
     inputs = prov.get("inputs") or {}
     if inputs:
         html += "<h3>Inputs</h3>" + _table([(str(k), f"<code>{escape(str(v))}</code>") for k, v in inputs.items()])

@@ -3,8 +3,10 @@
 Works on every ptycore store (data, prepared, init, result, truth, an aggregate's metrics.zarr):
 it walks the groups, prints each array's name, shape, dtype and chunks, the attributes (long
 values shortened unless ``--full``), a provenance summary with its upstream chain, and the
-last value of every ``history/`` array, and whether the store's manifest is whole (``--verify``:
-every file's size and CRC-32 against the manifest, see :mod:`ptycore.store`).
+last value of every ``history/`` array, the networks that generated the object or probe
+(``networks/<stage>/<field>``: architecture, parameter count, pre-training loss), and whether
+the store's manifest is whole (``--verify``: every file's size and CRC-32 against the
+manifest, see :mod:`ptycore.store`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,25 @@ def provenance_lines(prov: dict, full: bool) -> list[str]:
     return lines
 
 
+def network_lines(group) -> list[str]:
+    """One line per network stored under ``networks/<stage>/<field>`` (see ptycore.recon.reconstruct)."""
+    if "networks" not in group:
+        return []
+    lines = []
+    for stage, stage_group in sorted(group["networks"].groups(), key=lambda kv: kv[0]):
+        for name, net in sorted(stage_group.groups(), key=lambda kv: kv[0]):
+            a = dict(net.attrs)
+            text = (f"{stage}/{name}: {a.get('architecture', '?')} {a.get('levels')} levels, {a.get('filters')} "
+                    f"filters, {a.get('channels')} channels, {a.get('parameters', 0):,} parameters, "
+                    f"{a.get('optimizer')}, {a.get('step')} steps")
+            if a.get("output"):
+                text += f", output {a['output']}" + (" (identical slices)" if a.get("identical_slices") else "")
+            if a.get("pretrain_loss") is not None:
+                text += f", pre-training loss {_fmt_number(float(a['pretrain_loss']))}"
+            lines.append(text)
+    return lines
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -158,6 +179,11 @@ def run(args) -> int:
         print("attributes:")
         for key, value in attrs.items():
             print(f"  {key}: {_short(value, args.full)}")
+    networks = network_lines(group)
+    if networks:
+        print("networks:")
+        for line in networks:
+            print(f"  {line}")
     if isinstance(prov, dict):
         print("provenance:")
         for line in provenance_lines(prov, args.full):

@@ -1,7 +1,8 @@
 """Per-parameter optimisers from optax's own combinators.
 
 Each optimised parameter (a label of :class:`ptycore.recon.parameters.Parameters`) gets its
-plan's direction (``adam``, ``lbfgs``, ``momentum``, ``sgd``) and learning rate through
+plan's direction (``adam``, ``lbfgs``, ``momentum``, ``sgd``; ``adamw`` for a network's weights:
+Adam with decoupled weight decay) and learning rate through
 ``optax.inject_hyperparams``; ``optax.partition`` routes every label to its transformation. The
 learning rate and whether a parameter is active (its ``start``/``stop``) are *data* passed to
 ``update`` each step (``hyper={"lr": {label: ...}, "active": {label: ...}}``), so schedules and
@@ -22,6 +23,9 @@ def direction(cfg) -> optax.GradientTransformation:
     """The plan's update direction for one parameter (before the learning rate)."""
     if cfg.optimizer == "adam":
         return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8)
+    if cfg.optimizer == "adamw":  # as optax.adamw: the decay is added before the learning rate
+        return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8),
+                           optax.add_decayed_weights(cfg.weight_decay))
     if cfg.optimizer == "lbfgs":
         return optax.scale_by_lbfgs(memory_size=cfg.memory)
     if cfg.optimizer == "momentum":

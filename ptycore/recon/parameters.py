@@ -15,10 +15,13 @@ besides the state (nothing for pixels, which *are* the state; a network's weight
 ``view(state, carried)``: its parameters (a dict label -> array or pytree) to differentiate;
 ``render(params, state)``: the state with its arrays made from parameters (what losses see);
 ``apply(state, carried, params, updates)``: the state and carried values after an optimiser
-update. Pixels add the update to the state's own array, so a parameter whose update is 0 stays
-exactly as it was (a frozen probe is bit-for-bit the incoming one); a network adds it to its
-weights and renders. Constraints act on the rendered state; engines, losses and stores never
-see anything else.
+update. ``render`` also takes the part's ``carried`` (a network needs its input and noise
+step; pixels ignore it), and a part may have ``finish(state, carried)``: the state as its
+parameters now stand (a network's noise-free output, see :mod:`ptycore.recon.networks`),
+called by the engine after its steps and before constraints. Pixels add the update to the
+state's own array, so a parameter whose update is 0 stays exactly as it was (a frozen probe is
+bit-for-bit the incoming one); a network adds it to its weights and renders. Constraints act on
+the rendered state; engines, losses and stores never see anything else.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class PixelObject:
     def view(self, state: State, carried: dict) -> dict:
         return {label: getattr(state, label) for label in self.labels}
 
-    def render(self, params: dict, state: State) -> State:
+    def render(self, params: dict, state: State, carried: dict | None = None) -> State:
         return state._replace(**{label: params[label] for label in self.labels})
 
     def apply(self, state: State, carried: dict, params: dict, updates: dict):
@@ -60,7 +63,7 @@ class PixelProbe:
     def view(self, state: State, carried: dict) -> dict:
         return {"probe": jnp.stack([state.probe.real, state.probe.imag]) / self.scale}
 
-    def render(self, params: dict, state: State) -> State:
+    def render(self, params: dict, state: State, carried: dict | None = None) -> State:
         return state._replace(probe=self._complex(params["probe"]))
 
     def apply(self, state: State, carried: dict, params: dict, updates: dict):
@@ -85,7 +88,7 @@ class Direct:
     def view(self, state: State, carried: dict) -> dict:
         return {self.labels[0]: getattr(state, self.field)}
 
-    def render(self, params: dict, state: State) -> State:
+    def render(self, params: dict, state: State, carried: dict | None = None) -> State:
         return state._replace(**{self.field: params[self.labels[0]]})
 
     def apply(self, state: State, carried: dict, params: dict, updates: dict):
@@ -120,9 +123,16 @@ class Parameters:
             out.update(part.view(state, c))
         return {n: out[n] for n in self.names}
 
-    def render(self, params: dict, state: State) -> State:
-        for part in self.parts:
-            state = part.render(params, state)
+    def render(self, params: dict, state: State, carried: list | None = None) -> State:
+        for i, part in enumerate(self.parts):
+            state = part.render(params, state) if carried is None else part.render(params, state, carried[i])
+        return state
+
+    def finish(self, state: State, carried: list) -> State:
+        """The state as every parameterisation now stands (a network's noise-free output)."""
+        for part, c in zip(self.parts, carried, strict=True):
+            if hasattr(part, "finish"):
+                state = part.finish(state, c)
         return state
 
     def apply(self, state: State, carried: list, params: dict, updates: dict):

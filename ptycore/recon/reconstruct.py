@@ -170,6 +170,38 @@ def make_placement(devices) -> Placement | None:
     return Placement.from_count(n) if n > 1 else None
 
 
+def write_networks(group, records) -> None:
+    """The networks of the stages that had them: ``networks/<stage>/<field>/`` with ``weights``
+    and ``optimizer_state`` (each flattened in pytree order; the leaf paths in the attribute
+    ``leaves``), ``input`` (the normalised input) and the architecture in the attributes; and
+    each pre-training loss curve as ``history/pretrain_<field>/<stage>`` (one value per
+    pre-training iteration, apart from the per-iteration ``history/<term>`` arrays)."""
+    for r in records:
+        for name, arrays in r.network_arrays.items():
+            base = f"networks/{r.name}/{name}"
+            for key in ("weights", "optimizer_state", "input", "mean", "scale"):
+                write_array(group, f"{base}/{key}", arrays[key])
+            group[base].attrs.update({**r.networks.get(name, {}), "step": arrays["step"],
+                                      "leaves": arrays["leaves"],
+                                      "pretrain_loss": (r.pretrain.get(name) or [None])[-1]})
+        for name, losses in r.pretrain.items():
+            if losses:
+                write_array(group, f"history/pretrain_{name}/{r.name}", np.asarray(losses, np.float32))
+
+
+def network_summary(records) -> dict:
+    """Provenance: ``{stage: {field: architecture, parameters, pretrain iterations and losses}}``."""
+    out = {}
+    for r in records:
+        for name, net in r.networks.items():
+            losses = r.pretrain.get(name) or []
+            out.setdefault(r.name, {})[name] = {
+                **net, "pretrain_iterations": len(losses),
+                "pretrain_loss_first": losses[0] if losses else None,
+                "pretrain_loss_last": losses[-1] if losses else None}
+    return out
+
+
 def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume=False, restart_stale=False,
                 overwrite=False, seed=None, progress=True, max_memory_gb=None, on_iteration=None,
                 on_warning=_print_warning, devices=None) -> Outcome:
@@ -236,6 +268,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         group = create_store(tmp / "result.zarr.tmp")
         write_state(group, state)
         write_history(group, records, previous_stages, previous_history)
+        write_networks(group, records)
         device = jax.devices()[0]
         group.attrs.update({
             "pixel_size_A": records[-1].pixel_size_A,  # the final stage's grid (its detector crop)
@@ -265,6 +298,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                              for r in records},
                 compilations=sum(r.compilations for r in records),
                 placement=(Placement() if placement is None else placement).describe(),
+                networks=network_summary(records),
                 memory_estimate=None if estimate is None else {
                     **estimate.as_record(),
                     "host_free_GB": None if available.host is None else round(available.host / memory.GB, 3),

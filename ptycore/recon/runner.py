@@ -80,6 +80,12 @@ class StageRecord:
     resumed_from: int | None = None
     pixel_size_A: float | None = None  # the stage's object pixel
     detector_px: tuple[int, int] | None = None  # the detector pixels it fitted (= its probe window)
+    #: networks generating the object/probe: {field: architecture, parameter count, ...}
+    networks: dict = field(default_factory=dict)
+    #: pre-training loss per network and pre-training iteration: {field: [loss, ...]}
+    pretrain: dict[str, list] = field(default_factory=dict)
+    #: the networks' weights, optimiser state and input at the end (host arrays, for the store)
+    network_arrays: dict = field(default_factory=dict)
 
 
 def _checkpoint_path(workdir: Path, stage_name: str) -> Path:
@@ -95,7 +101,7 @@ def save_checkpoint(path: Path, carry, it: int, record: StageRecord, plan_hash: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     meta = {"iteration": it, "plan_hash": plan_hash, "inputs": inputs or {}, "history": record.history,
-            "seconds": record.seconds}
+            "seconds": record.seconds, "pretrain": record.pretrain}
     try:
         np.savez(tmp, meta=np.asarray(json.dumps(meta)),
                  **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
@@ -230,6 +236,13 @@ class _Progress:
         elif self.enabled and (it == 0 or (it + 1) % max(1, self.total // 10) == 0 or it + 1 == self.total):
             print(f"[{self.stage_name}] iter {it + 1}/{self.total} {info}", file=sys.stderr, flush=True)
 
+    def note(self, text: str):
+        """A line about the stage (its networks, their pre-training) before the iterations."""
+        if self.bar is not None:
+            self.bar.console.print(f"[{self.stage_name}] {text}", markup=False, highlight=False)
+        elif self.enabled:
+            print(f"[{self.stage_name}] {text}", file=sys.stderr, flush=True)
+
     def close(self):
         if self.bar is not None:
             self.bar.stop()
@@ -315,7 +328,13 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
             record.seconds = meta["seconds"]
             first = meta["iteration"] + 1
             record.resumed_from = first
+            record.pretrain = dict(meta.get("pretrain") or {})
+    if first == 0 and hasattr(engine, "pretrain"):  # networks fit the incoming estimate first (not on resume)
+        carry, record.pretrain = engine.pretrain(carry)
+    record.networks = engine.describe_networks() if hasattr(engine, "describe_networks") else {}
     bar = _Progress(stage.name, stage.iterations, progress)
+    for line in network_lines(record):
+        bar.note(line)
     last_good = first - 1
     try:
         for it in range(first, stage.iterations):
@@ -359,4 +378,19 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     finally:
         bar.close()
     record.compilations = engine.compilations()
+    if record.networks:
+        record.network_arrays = engine.network_arrays(engine.local(carry))
     return engine.local(engine.to_state(carry)), record
+
+
+def network_lines(record: StageRecord) -> list[str]:
+    """One line per network: its size and its pre-training loss (first → last)."""
+    lines = []
+    for name, net in record.networks.items():
+        text = (f"{name} network: U-Net {net['levels']} levels, {net['filters']} filters, "
+                f"{net['channels']} channels, {net['parameters']:,} parameters")
+        losses = record.pretrain.get(name) or []
+        if losses:
+            text += f"; pre-training {len(losses)} it: loss {losses[0]:.3g} -> {losses[-1]:.3g}"
+        lines.append(text)
+    return lines
