@@ -289,6 +289,8 @@ CASES = [
     Case("plans-data-without-name", "plans --data {d}/prepared.zarr", ["--data", "plan NAME"]),
     Case("tune-space-not-found", "tune --space {w}/nope.yaml --out {w}/study", ["{w}/nope.yaml", "not found"]),
     Case("tune-a-plan-as-space", "tune --space {d}/plan.yaml --out {w}/study", ["{d}/plan.yaml", "plan"]),
+    Case("launch-no-command", "launch -n 2", ["no command to launch"]),
+    Case("launch-zero-processes", "launch -n 0 -- inspect {d}/init.zarr", ["-n", ">= 1"]),
     Case("inspect-verify-corrupt", "inspect --verify {w}/data.zarr", ["{w}/data.zarr", "c/1/0/0 is corrupt"],
          store_copy("data.zarr", "garble")),
 ]
