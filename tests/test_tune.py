@@ -106,6 +106,14 @@ BAD_SPACES = [
     ({"enqueue": [{"stages[main].batch_size": 4}]}, ["enqueue[0]", "not one of the parameters"]),
     ({"objectve": "validation"}, ["objectve", "unknown key"]),
     ({"plan": "no-such-plan"}, ["no-such-plan", "not found"]),
+    # lr: .nan, wherever it comes from
+    ({"fixed": {LR: float("nan")}, "parameters": {DEFOCUS: {"low": 70.0, "high": 130.0}}},
+     ["fixed", "lr", "is not a number (NaN)"]),
+    ({"parameters": {LR: {"choices": [0.01, float("nan")]}}}, [LR, "= nan", "is not a number (NaN)"]),
+    ({"parameters": {LR: {"low": float("nan"), "high": 0.1}}}, ["parameters", "lr.low", "is not a number (NaN)"]),
+    ({"enqueue": [{LR: float("nan"), DEFOCUS: 100.0}]}, ["enqueue[0]", "lr", "is not a number (NaN)"]),
+    ({"parameters": {"init.convergence_mrad": {"low": 10.0, "high": 250.0}}},
+     ["'init.convergence_mrad' = 250.0", "convergence_mrad", "200"]),
 ]
 
 
@@ -131,6 +139,79 @@ def test_missing_data_is_refused(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "nope.zarr" in err and "not found" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the convergence angle, an init parameter
+def _power_beyond(probe: np.ndarray, pixel_A: float, mrad: float) -> float:
+    """Fraction of the probe's power (all modes) at angles > ``mrad`` in its Fourier plane."""
+    from ptycore.physics import Grid
+    from ptycore.physics.probe import angular_coordinates
+
+    alpha, _ = angular_coordinates(Grid(probe.shape[-2:], pixel_A), wavelength_A(300.0))
+    power = np.abs(np.fft.fft2(np.fft.ifftshift(probe, axes=(-2, -1)))) ** 2
+    return float(power[..., np.asarray(alpha) > mrad * 1e-3].sum() / power.sum())
+
+
+def test_init_convergence_mrad_sets_the_probe_and_the_reconstructions_aperture(case, tmp_path):
+    """The data's metadata says 21.4 mrad; an init config with ``convergence_mrad: 15`` builds a
+    15 mrad probe, and the reconstruction's probe-aperture constraint cuts at 15 mrad too (from
+    the init store, not the data), also in a second stage started from that result."""
+    from ptycore.data.initialize import initialize
+    from ptycore.recon.reconstruct import reconstruct
+
+    pixel_A = float(open_store(case["prepared"]).attrs["pixel_size_A"])
+    (tmp_path / "narrow.yaml").write_text("probe: aperture\nmargin_px: 4\nconvergence_mrad: 15.0\n")
+    initialize(case["prepared"], tmp_path / "narrow.yaml", tmp_path / "narrow-init.zarr")
+    initialize(case["prepared"], case["init"], tmp_path / "data-init.zarr")
+    narrow, data = open_store(tmp_path / "narrow-init.zarr"), open_store(tmp_path / "data-init.zarr")
+    assert narrow.attrs["convergence_mrad"] == 15.0 and "convergence_mrad" not in data.attrs
+    assert narrow.attrs["init"]["convergence_mrad"] == 15.0 and data.attrs["init"]["convergence_mrad"] == 21.4
+    # the probes: 15 mrad (one detector pixel, 2 mrad, of soft edge) against the data's 21.4 mrad
+    assert _power_beyond(np.asarray(narrow["probe"][...]), pixel_A, 17.0) < 1e-4
+    assert _power_beyond(np.asarray(data["probe"][...]), pixel_A, 17.0) > 0.2
+
+    plan = yaml.safe_load(case["plan"].read_text())
+    stage = plan["stages"][0]
+    stage.update(iterations=6, validation_fraction=0.0, constraints={"probe_aperture": {"scale": 1.0}})
+    stage["optimize"] = {"object_phase": {"optimizer": "adam", "lr": GOOD_LR},
+                         "probe": {"optimizer": "adam", "lr": 0.05}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    results = {}
+    for name in ("narrow", "data"):
+        results[name] = tmp_path / f"{name}.zarr"
+        reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"], init_path=tmp_path / f"{name}-init.zarr",
+                    out_path=results[name], progress=False)
+    narrow_probe = np.asarray(open_store(results["narrow"])["probe"][...])
+    data_probe = np.asarray(open_store(results["data"])["probe"][...])
+    assert _power_beyond(narrow_probe, pixel_A, 15.0) < 1e-6  # the constraint cut at 15 mrad
+    assert _power_beyond(data_probe, pixel_A, 15.0) > 0.2  # from the data's init: cut at 21.4
+    assert open_store(results["narrow"]).attrs["convergence_mrad"] == 15.0
+    assert "convergence_mrad" not in open_store(results["data"]).attrs
+    # the next stage, from the result: still 15 mrad
+    reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"], init_path=results["narrow"],
+                out_path=tmp_path / "next.zarr", progress=False)
+    assert open_store(tmp_path / "next.zarr").attrs["convergence_mrad"] == 15.0
+    assert _power_beyond(np.asarray(open_store(tmp_path / "next.zarr")["probe"][...]), pixel_A, 15.0) < 1e-6
+
+
+def test_convergence_outside_the_detector_is_refused_by_init(case, tmp_path, capsys):
+    (tmp_path / "wide.yaml").write_text("convergence_mrad: 40.0\n")  # the detector's edge: 32.8 mrad
+    rc = main(["init", "--data", str(case["prepared"]), "--config", str(tmp_path / "wide.yaml"),
+               "--out", str(tmp_path / "init.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "wide.yaml: convergence_mrad: 40 mrad lies outside the detector" in err
+    assert not (tmp_path / "init.zarr").exists()
+
+
+def test_a_space_can_tune_the_convergence_angle(case, tmp_path):
+    from ptycore.tune.execute import prepare
+
+    space = write_space(case, tmp_path / "conv.yaml", enqueue=[],
+                        parameters={LR: {"low": 2e-3, "high": 0.1, "log": True},
+                                    "init.convergence_mrad": {"low": 17.0, "high": 26.0}})
+    setup = prepare(space, tmp_path / "out")
+    assert setup.space.init_parameters()["convergence_mrad"].bounds() == [17.0, 26.0]
 
 
 # ---------------------------------------------------------------- a real study

@@ -22,7 +22,7 @@ import numpy as np
 from ptycore.errors import InvalidArgument, InvalidData, PtycoreError
 from ptycore.plan import load_plan
 from ptycore.recon import memory
-from ptycore.recon.context import load_measurement
+from ptycore.recon.context import init_convergence_mrad, load_measurement
 from ptycore.recon.runner import StopSignals, check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
 from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
@@ -139,12 +139,13 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         estimate = estimate_memory(stages, state, patterns_shape)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    measurement = load_measurement(data_path)
+    init_group = open_store(init_path)
+    init_attrs = dict(init_group.attrs)
+    convergence_mrad = init_convergence_mrad(init_attrs, init_path)  # an init config's override, carried on
+    measurement = load_measurement(data_path, convergence_mrad)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
-    init_group = open_store(init_path)
-    init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
     records = []
     with StopSignals() as stop, atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
@@ -167,6 +168,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         group.attrs.update({
             "pixel_size_A": records[-1].pixel_size_A,  # the final stage's grid (its detector crop)
             "stages": previous_stages + [r.name for r in records],
+            **({} if convergence_mrad is None else {"convergence_mrad": convergence_mrad}),
             "provenance": provenance(
                 verb="reconstruct",
                 plan=plan.resolved(),

@@ -98,6 +98,8 @@ def total_steps(plan: dict) -> int:
 
 def _worker_identity() -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid()}
+    if os.environ.get("SLURM_JOB_ID"):  # a SLURMCluster worker: the job that ran the trial
+        info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     try:
         from distributed import get_worker
 
