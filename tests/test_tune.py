@@ -179,8 +179,8 @@ def test_init_convergence_mrad_sets_the_probe_and_the_reconstructions_aperture(c
     results = {}
     for name in ("narrow", "data"):
         results[name] = tmp_path / f"{name}.zarr"
-        reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"], init_path=tmp_path / f"{name}-init.zarr",
-                    out_path=results[name], progress=False)
+        reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"],
+                    init_path=tmp_path / f"{name}-init.zarr", out_path=results[name], progress=False)
     narrow_probe = np.asarray(open_store(results["narrow"])["probe"][...])
     data_probe = np.asarray(open_store(results["data"])["probe"][...])
     assert _power_beyond(narrow_probe, pixel_A, 15.0) < 1e-6  # the constraint cut at 15 mrad
