@@ -453,6 +453,63 @@ def test_slurm_job_script_asks_for_a_gpu_and_the_walltime(tmp_path):
     assert "XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
 
 
+def _slurm_answers() -> bool:
+    import shutil
+
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+#: CI's one-node Slurm (.ci/local_slurm.sh): account ci, partition debug; 2 one-core jobs at most
+CI_SLURM = {"partition": "debug", "account": "ci", "walltime": "00:20:00", "cores": 1, "memory": "3GB", "gpus": 0,
+            "minimum_jobs": 0, "maximum_jobs": 2, "lifetime_margin_minutes": 3}
+
+
+@pytest.mark.slurm
+def test_the_study_through_a_slurm_cluster(case, tmp_path):
+    """The tiny study (8 trials, 2 parameters) with its workers as Slurm jobs of a dask-jobqueue
+    SLURMCluster on CI's single-node Slurm (start it with: bash .ci/local_slurm.sh). The jobs
+    find the project's Python because the worker command is this interpreter (``python`` of the
+    cluster config: ``sys.executable``) and PYTHONPATH is exported in the job script."""
+    if not _slurm_answers():
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
+    pytest.importorskip("dask_jobqueue")
+    space = write_space(case, tmp_path / "slurm.yaml", cluster={"kind": "slurm", "slurm": CI_SLURM})
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "ptycore.cli", "tune", "--space", str(space), "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = load(out).get_trials()
+    states = [t.state for t in trials]
+    assert len(trials) == 8
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [2]  # the crash point
+    assert trials[3].state == optuna.trial.TrialState.PRUNED, trials[3].intermediate_values
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 2
+    # every trial ran in one of the 2 Slurm jobs (the 2 workers the cluster scaled to), of the
+    # account and partition asked for, and their trials overlapped in time
+    jobs = {t.user_attrs.get("slurm_job_id") for t in trials}
+    assert None not in jobs and len(jobs) == 2, jobs
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(jobs)), "-o", "JobID,Partition,Account"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = {r.split("|")[0]: r.split("|") for r in sacct.splitlines() if r}
+    assert set(rows) == jobs, (rows, jobs)
+    assert {r[1] for r in rows.values()} == {"debug"} and {r[2] for r in rows.values()} == {"ci"}
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert sorted((out / "logs" / "slurm").glob("dask-worker-*.err"))  # the jobs' logs in the study folder
+    # the study folder is the same as on a LocalCluster: table, best plan (ready to run), report
+    assert len((out / "study.csv").read_text().splitlines()) == 9
+    assert "slurm_job_id" in (out / "study.csv").read_text().splitlines()[0].split(",")
+    best = load(out).best_trial
+    assert load_plan(out / "best" / "plan.yaml").stages[0].optimize["object_phase"].lr.value == pytest.approx(
+        best.params[LR])
+    assert "Best trial" in (out / "report.html").read_text()
+
+
 def test_snakemake_tune_target(case, tmp_path):
     """`snakemake tune` runs each space in config tune on the workflow's datasets (dry run: the
     chain from the dataset to results/tune/NAME)."""
