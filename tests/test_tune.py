@@ -465,7 +465,7 @@ def _slurm_answers() -> bool:
 
 
 #: CI's one-node Slurm (.ci/local_slurm.sh): account ci, partition debug; 2 one-core jobs at most
-CI_SLURM = {"partition": "debug", "account": "ci", "walltime": "00:20:00", "cores": 1, "memory": "3GB", "gpus": 0,
+CI_SLURM = {"partition": "debug", "account": "ci", "walltime": "00:20:00", "cores": 1, "memory": "2GB", "gpus": 0,
             "minimum_jobs": 0, "maximum_jobs": 2, "lifetime_margin_minutes": 3}
 
 
