@@ -27,7 +27,7 @@ rule tune_study:
     log:
         f"{LOGS}/tune/{{tune}}.log",
     benchmark:
-        f"{BENCH}/tune/{{tune}}.tsv"
+        f"{layout.BENCH}/tune/{{tune}}.tsv"
     wildcard_constraints:
         tune="|".join(re.escape(name) for name in TUNES) or "(?!)",
     conda:
