@@ -510,6 +510,36 @@ def test_the_study_through_a_slurm_cluster(case, tmp_path):
     assert "Best trial" in (out / "report.html").read_text()
 
 
+@pytest.mark.slurm
+def test_slurm_workers_on_the_gpu_partition_get_one_gpu_each(case, tmp_path):
+    """Workers as jobs on the gpu partition with --gres=gpu:1 (CI's node has one fake GPU, so one
+    worker): Slurm allocates the GPU to the job, and JAX, left to choose its platform (as on a
+    real cluster), falls back to the CPU there without failing the trials."""
+    if not _slurm_answers():
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
+    pytest.importorskip("dask_jobqueue")
+    slurm = {**CI_SLURM, "partition": "gpu", "gpus": 1, "maximum_jobs": 1}
+    space = _slow_space(case, tmp_path / "gpu.yaml", trials=2, workers=1)
+    space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()), "fixed": {"stages[main].iterations": 6},
+                                     "cluster": {"kind": "slurm", "slurm": slurm}}))
+    out = tmp_path / "out"
+    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, "-m", "ptycore.cli", "tune", "--space", str(space), "--out", str(out),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = load(out).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    jobs = {t.user_attrs["slurm_job_id"] for t in trials}
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(jobs)), "-o", "JobID,Partition"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = [r.split("|") for r in sacct.splitlines() if r]
+    assert {r[0] for r in rows} == jobs and all(r[1] == "gpu" for r in rows), rows
+    assert [t.user_attrs.get("cuda_visible_devices") for t in trials] == ["0", "0"]  # the node's one (fake) GPU
+    for t in trials:
+        prov = open_store(out / "trials" / f"{t.number:04d}" / "result-0.zarr").attrs["provenance"]
+        assert prov["platform"] == "cpu"
+
+
 def test_snakemake_tune_target(case, tmp_path):
     """`snakemake tune` runs each space in config tune on the workflow's datasets (dry run: the
     chain from the dataset to results/tune/NAME)."""

@@ -100,6 +100,8 @@ def _worker_identity() -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid()}
     if os.environ.get("SLURM_JOB_ID"):  # a SLURMCluster worker: the job that ran the trial
         info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # the GPU(s) the job was given
+        info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     try:
         from distributed import get_worker
 
