@@ -51,9 +51,6 @@ from ptycore.errors import InvalidArgument, InvalidData
 from ptycore.physics.slicing import slice_weights
 
 OBJECT_MODE_DECAY = 0.3
-#: init.zarr attr with the init config's convergence_mrad (only when it overrides the metadata's);
-#: the reconstruction reads it (ptycore.recon.context.load_measurement) and its result carries it on
-CONVERGENCE_ATTR = "convergence_mrad"
 OBJECT_MODE_PHASE_RMS = 0.01
 
 
@@ -349,7 +346,8 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
             "detector_shape": [ky, kx],
             "mean_counts": mean_counts,
             "metadata": dict(attrs["metadata"]),
-            **({} if config.convergence_mrad is None else {CONVERGENCE_ATTR: convergence}),
+            # read by reconstruct (ptycore.recon.context.init_convergence_mrad), carried on in its results
+            **({} if config.convergence_mrad is None else {"convergence_mrad": convergence}),
             "init": {**resolved, **object_note},
             "provenance": provenance(verb="init", inputs=inputs, config=resolved, object=object_note,
                                      seeds={"object_modes": config.seed}, upstream=attrs.get("provenance")),

@@ -43,6 +43,6 @@ checks), reading it from the init store.
 The study folder (``--out``): ``trials/NNNN/`` (``plan.yaml``, ``init.yaml`` when init
 parameters are tuned, ``result-D.zarr`` per dataset D, ``init-D.zarr``), ``study.journal``,
 ``study.csv`` and ``study.zarr`` (one row per trial: parameters, objective, state, seconds,
-worker, Slurm job and GPU, seeds, first error line), ``logs/slurm/`` (the Slurm jobs' logs), ``best/plan.yaml`` (a ready plan; ``best/init.yaml``),
-``figures/*.png``, ``report.html``.
+worker, Slurm job and GPU, seeds, first error line), ``best/plan.yaml`` (a ready plan;
+``best/init.yaml``), ``figures/*.png``, ``report.html``, ``logs/slurm/`` (the Slurm jobs' logs).
 """
