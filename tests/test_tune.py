@@ -355,7 +355,11 @@ def _wait_for(predicate, timeout=240.0):
 def _running_with_reports(out: Path):
     if not (out / "space.json").exists() or not (out / "study.journal").exists():
         return None
-    for t in load(out).get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+    try:
+        study = load(out)
+    except KeyError:  # the journal is there, the study's record not yet
+        return None
+    for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
         if t.intermediate_values and "pid" in t.user_attrs:
             return t
     return None
