@@ -325,7 +325,7 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
     if config.from_result is not None:
         inputs[str(config.from_result)] = checksum(config.from_result)
     resolved = {**config.model_dump(mode="json"), "slice_thickness_A": slice_thickness, "defocus_A": defocus,
-                "convergence_mrad": convergence, "aberrations": aberrations}
+                "aberrations": aberrations}
     with atomic_output(out, overwrite=overwrite) as tmp:
         store = create_store(tmp)
         obj_chunks = (1, 1) + tuple(min(s, 512) for s in shape)
@@ -346,12 +346,12 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
             "detector_shape": [ky, kx],
             "mean_counts": mean_counts,
             "metadata": dict(attrs["metadata"]),
-            # read by reconstruct (ptycore.recon.context.init_convergence_mrad), carried on in its results
-            **({} if config.convergence_mrad is None else {"convergence_mrad": convergence}),
             "init": {**resolved, **object_note},
             "provenance": provenance(verb="init", inputs=inputs, config=resolved, object=object_note,
                                      seeds={"object_modes": config.seed}, upstream=attrs.get("provenance")),
         })
+        if config.convergence_mrad is not None:  # read by reconstruct (recon.context.init_convergence_mrad)
+            store.attrs["convergence_mrad"] = convergence
     return {"out": out, "object_shape": (phase.shape[0], phase.shape[1]) + tuple(shape),
             "probe_shape": tuple(probe.shape), "pixel_size_A": pixel, "slice_thickness_A": slice_thickness,
             "mean_counts": mean_counts}

@@ -139,13 +139,13 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         estimate = estimate_memory(stages, state, patterns_shape)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    init_group = open_store(init_path)
-    init_attrs = dict(init_group.attrs)
-    convergence_mrad = init_convergence_mrad(init_attrs, init_path)  # an init config's override, carried on
+    convergence_mrad = init_convergence_mrad(dict(open_store(init_path).attrs), init_path)  # an init override
     measurement = load_measurement(data_path, convergence_mrad)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
+    init_group = open_store(init_path)
+    init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
     records = []
     with StopSignals() as stop, atomic_output(out_path, overwrite=overwrite, keep_partial_on_error=True) as tmp:
@@ -168,7 +168,6 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         group.attrs.update({
             "pixel_size_A": records[-1].pixel_size_A,  # the final stage's grid (its detector crop)
             "stages": previous_stages + [r.name for r in records],
-            **({} if convergence_mrad is None else {"convergence_mrad": convergence_mrad}),
             "provenance": provenance(
                 verb="reconstruct",
                 plan=plan.resolved(),
@@ -196,6 +195,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                     "max_memory_gb": max_memory_gb},
             ),
         })
+        if convergence_mrad is not None:  # the init config's convergence angle, carried on to the next stage
+            group.attrs["convergence_mrad"] = convergence_mrad
         # the store is the output: move it up, drop the checkpoints
         final = tmp.with_name(tmp.name + ".store")
         if final.exists():  # left by a run killed at this very step

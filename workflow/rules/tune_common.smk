@@ -1,7 +1,4 @@
-# Helpers of workflow/rules/tune.smk: the search spaces of config tune (no rules here; PIPE and
-# DATASETS come from the Snakefile, layout from common.smk).
-
-import shlex
+# Helpers of workflow/rules/tune.smk: the search spaces of config tune (no rules here).
 
 
 def collect_tunes(paths):
@@ -12,7 +9,7 @@ def collect_tunes(paths):
     tunes = {}
     for p in paths:
         try:
-            space = load_space(PIPE.resolve(p))
+            space = load_space(resolve(p))
         except PtycoreError as err:
             raise WorkflowError(f"invalid config: tune: {err}") from None
         unknown = [d for d in space.datasets if d not in DATASETS]
@@ -20,12 +17,12 @@ def collect_tunes(paths):
             why = f"two spaces named {space.name!r}" if space.name in tunes else "needs 'datasets' (workflow names)"
             why = f"datasets: unknown {unknown} (known: {', '.join(DATASETS)})" if unknown else why
             raise WorkflowError(f"invalid config: tune: {p}: {why}")
-        init = space.init or PIPE.dataset(space.datasets[0]).get("init") or config.get("init")
+        init = resolve(space.init) if space.init else dataset_entry(space.datasets[0]).get("init") or config["init"]
         tunes[space.name] = {
-            "space": PIPE.resolve(p),
-            "plan": PIPE.plan_path(space.plan),
-            "data": [layout.path("preprocess", d) for d in space.datasets],
-            "init": {"init": PIPE.resolve(init)} if init else {},
+            "space": resolve(p),
+            "plan": plan_path(space.plan),
+            "data": [f"{RESULTS}/{d}/prepared.zarr" for d in space.datasets],
+            "init": {"init": resolve(init)} if init else {},
         }
     return tunes
 
