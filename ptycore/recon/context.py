@@ -63,11 +63,14 @@ class Measurement:
                        detector_mask=mask)
 
 
-def load_measurement(path, convergence_mrad: float | None = None) -> Measurement:
+def load_measurement(path, init_path=None) -> Measurement:
     """Read a prepared store (see DESIGN): patterns are shifted to FFT order once, here.
 
-    ``convergence_mrad`` replaces the metadata's convergence semi-angle: the init store's
-    ``convergence_mrad`` attr (init config ``convergence_mrad``), see :func:`init_convergence_mrad`."""
+    With ``init_path`` (the init or previous result store the run starts from), its
+    ``convergence_mrad`` attr (the init config's ``convergence_mrad``) replaces the metadata's
+    convergence semi-angle, see :func:`init_convergence_mrad`."""
+    convergence_mrad = None if init_path is None else init_convergence_mrad(dict(open_store(init_path).attrs),
+                                                                           init_path)
     group = open_store(path)
     if "patterns" not in group:
         raise InvalidData(f"{path}: no 'patterns' array (is this a prepared store?)")

@@ -22,7 +22,7 @@ import numpy as np
 from ptycore.errors import InvalidArgument, InvalidData, PtycoreError
 from ptycore.plan import load_plan
 from ptycore.recon import memory
-from ptycore.recon.context import init_convergence_mrad, load_measurement
+from ptycore.recon.context import load_measurement
 from ptycore.recon.runner import StopSignals, check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
 from ptycore.store import atomic_output, checksum, create_store, now_iso, open_store, provenance, write_array
@@ -139,8 +139,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         estimate = estimate_memory(stages, state, patterns_shape)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    convergence_mrad = init_convergence_mrad(dict(open_store(init_path).attrs), init_path)  # an init override
-    measurement = load_measurement(data_path, convergence_mrad)
+    measurement = load_measurement(data_path, init_path)  # the init's convergence_mrad, if it has one
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
@@ -195,8 +194,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                     "max_memory_gb": max_memory_gb},
             ),
         })
-        if convergence_mrad is not None:  # the init config's convergence angle, carried on to the next stage
-            group.attrs["convergence_mrad"] = convergence_mrad
+        if "convergence_mrad" in init_attrs:  # the init config's convergence angle, carried on to the next stage
+            group.attrs["convergence_mrad"] = measurement.convergence_mrad
         # the store is the output: move it up, drop the checkpoints
         final = tmp.with_name(tmp.name + ".store")
         if final.exists():  # left by a run killed at this very step
