@@ -106,6 +106,14 @@ BAD_SPACES = [
     ({"enqueue": [{"stages[main].batch_size": 4}]}, ["enqueue[0]", "not one of the parameters"]),
     ({"objectve": "validation"}, ["objectve", "unknown key"]),
     ({"plan": "no-such-plan"}, ["no-such-plan", "not found"]),
+    # lr: .nan, wherever it comes from
+    ({"fixed": {LR: float("nan")}, "parameters": {DEFOCUS: {"low": 70.0, "high": 130.0}}},
+     ["fixed", "lr", "is not a number (NaN)"]),
+    ({"parameters": {LR: {"choices": [0.01, float("nan")]}}}, [LR, "= nan", "is not a number (NaN)"]),
+    ({"parameters": {LR: {"low": float("nan"), "high": 0.1}}}, ["parameters", "lr.low", "is not a number (NaN)"]),
+    ({"enqueue": [{LR: float("nan"), DEFOCUS: 100.0}]}, ["enqueue[0]", "lr", "is not a number (NaN)"]),
+    ({"parameters": {"init.convergence_mrad": {"low": 10.0, "high": 250.0}}},
+     ["'init.convergence_mrad' = 250.0", "convergence_mrad", "200"]),
 ]
 
 
@@ -131,6 +139,79 @@ def test_missing_data_is_refused(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "nope.zarr" in err and "not found" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the convergence angle, an init parameter
+def _power_beyond(probe: np.ndarray, pixel_A: float, mrad: float) -> float:
+    """Fraction of the probe's power (all modes) at angles > ``mrad`` in its Fourier plane."""
+    from ptycore.physics import Grid
+    from ptycore.physics.probe import angular_coordinates
+
+    alpha, _ = angular_coordinates(Grid(probe.shape[-2:], pixel_A), wavelength_A(300.0))
+    power = np.abs(np.fft.fft2(np.fft.ifftshift(probe, axes=(-2, -1)))) ** 2
+    return float(power[..., np.asarray(alpha) > mrad * 1e-3].sum() / power.sum())
+
+
+def test_init_convergence_mrad_sets_the_probe_and_the_reconstructions_aperture(case, tmp_path):
+    """The data's metadata says 21.4 mrad; an init config with ``convergence_mrad: 15`` builds a
+    15 mrad probe, and the reconstruction's probe-aperture constraint cuts at 15 mrad too (from
+    the init store, not the data), also in a second stage started from that result."""
+    from ptycore.data.initialize import initialize
+    from ptycore.recon.reconstruct import reconstruct
+
+    pixel_A = float(open_store(case["prepared"]).attrs["pixel_size_A"])
+    (tmp_path / "narrow.yaml").write_text("probe: aperture\nmargin_px: 4\nconvergence_mrad: 15.0\n")
+    initialize(case["prepared"], tmp_path / "narrow.yaml", tmp_path / "narrow-init.zarr")
+    initialize(case["prepared"], case["init"], tmp_path / "data-init.zarr")
+    narrow, data = open_store(tmp_path / "narrow-init.zarr"), open_store(tmp_path / "data-init.zarr")
+    assert narrow.attrs["convergence_mrad"] == 15.0 and "convergence_mrad" not in data.attrs
+    assert narrow.attrs["init"]["convergence_mrad"] == 15.0 and data.attrs["init"]["convergence_mrad"] is None
+    # the probes: 15 mrad (one detector pixel, 2 mrad, of soft edge) against the data's 21.4 mrad
+    assert _power_beyond(np.asarray(narrow["probe"][...]), pixel_A, 17.0) < 1e-4
+    assert _power_beyond(np.asarray(data["probe"][...]), pixel_A, 17.0) > 0.2
+
+    plan = yaml.safe_load(case["plan"].read_text())
+    stage = plan["stages"][0]
+    stage.update(iterations=6, validation_fraction=0.0, constraints={"probe_aperture": {"scale": 1.0}})
+    stage["optimize"] = {"object_phase": {"optimizer": "adam", "lr": GOOD_LR},
+                         "probe": {"optimizer": "adam", "lr": 0.05}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    results = {}
+    for name in ("narrow", "data"):
+        results[name] = tmp_path / f"{name}.zarr"
+        reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"],
+                    init_path=tmp_path / f"{name}-init.zarr", out_path=results[name], progress=False)
+    narrow_probe = np.asarray(open_store(results["narrow"])["probe"][...])
+    data_probe = np.asarray(open_store(results["data"])["probe"][...])
+    assert _power_beyond(narrow_probe, pixel_A, 15.0) < 1e-6  # the constraint cut at 15 mrad
+    assert _power_beyond(data_probe, pixel_A, 15.0) > 0.2  # from the data's init: cut at 21.4
+    assert open_store(results["narrow"]).attrs["convergence_mrad"] == 15.0
+    assert "convergence_mrad" not in open_store(results["data"]).attrs
+    # the next stage, from the result: still 15 mrad
+    reconstruct(plan_path=tmp_path / "plan.yaml", data_path=case["prepared"], init_path=results["narrow"],
+                out_path=tmp_path / "next.zarr", progress=False)
+    assert open_store(tmp_path / "next.zarr").attrs["convergence_mrad"] == 15.0
+    assert _power_beyond(np.asarray(open_store(tmp_path / "next.zarr")["probe"][...]), pixel_A, 15.0) < 1e-6
+
+
+def test_convergence_outside_the_detector_is_refused_by_init(case, tmp_path, capsys):
+    (tmp_path / "wide.yaml").write_text("convergence_mrad: 40.0\n")  # the detector's edge: 32.8 mrad
+    rc = main(["init", "--data", str(case["prepared"]), "--config", str(tmp_path / "wide.yaml"),
+               "--out", str(tmp_path / "init.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "wide.yaml: convergence_mrad: 40 mrad lies outside the detector" in err
+    assert not (tmp_path / "init.zarr").exists()
+
+
+def test_a_space_can_tune_the_convergence_angle(case, tmp_path):
+    from ptycore.tune.execute import prepare
+
+    space = write_space(case, tmp_path / "conv.yaml", enqueue=[],
+                        parameters={LR: {"low": 2e-3, "high": 0.1, "log": True},
+                                    "init.convergence_mrad": {"low": 17.0, "high": 26.0}})
+    setup = prepare(space, tmp_path / "out")
+    assert setup.space.init_parameters()["convergence_mrad"].bounds() == [17.0, 26.0]
 
 
 # ---------------------------------------------------------------- a real study
@@ -274,7 +355,11 @@ def _wait_for(predicate, timeout=240.0):
 def _running_with_reports(out: Path):
     if not (out / "space.json").exists() or not (out / "study.journal").exists():
         return None
-    for t in load(out).get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+    try:
+        study = load(out)
+    except KeyError:  # the journal is there, the study's record not yet
+        return None
+    for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
         if t.intermediate_values and "pid" in t.user_attrs:
             return t
     return None
@@ -370,6 +455,93 @@ def test_slurm_job_script_asks_for_a_gpu_and_the_walltime(tmp_path):
         assert line in script, (line, script)
     assert "--lifetime 78m --lifetime-stagger 4m" in script  # 90 min walltime - 12 min margin
     assert "XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
+
+
+def _slurm_answers() -> bool:
+    import shutil
+
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+#: CI's one-node Slurm (.ci/local_slurm.sh): account ci, partition debug; 2 one-core jobs at most
+CI_SLURM = {"partition": "debug", "account": "ci", "walltime": "00:20:00", "cores": 1, "memory": "2GB", "gpus": 0,
+            "minimum_jobs": 0, "maximum_jobs": 2, "lifetime_margin_minutes": 3}
+
+
+@pytest.mark.slurm
+def test_the_study_through_a_slurm_cluster(case, tmp_path):
+    """The tiny study (8 trials, 2 parameters) with its workers as Slurm jobs of a dask-jobqueue
+    SLURMCluster on CI's single-node Slurm (start it with: bash .ci/local_slurm.sh). The jobs
+    find the project's Python because the worker command is this interpreter (``python`` of the
+    cluster config: ``sys.executable``) and PYTHONPATH is exported in the job script."""
+    if not _slurm_answers():
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
+    pytest.importorskip("dask_jobqueue")
+    space = write_space(case, tmp_path / "slurm.yaml", cluster={"kind": "slurm", "slurm": CI_SLURM})
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "ptycore.cli", "tune", "--space", str(space), "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = load(out).get_trials()
+    states = [t.state for t in trials]
+    assert len(trials) == 8
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [2]  # the crash point
+    assert trials[3].state == optuna.trial.TrialState.PRUNED, trials[3].intermediate_values
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 2
+    # every trial ran in one of the 2 Slurm jobs (the 2 workers the cluster scaled to), of the
+    # account and partition asked for, and their trials overlapped in time
+    jobs = {t.user_attrs.get("slurm_job_id") for t in trials}
+    assert None not in jobs and len(jobs) == 2, jobs
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(jobs)), "-o", "JobID,Partition,Account"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = {r.split("|")[0]: r.split("|") for r in sacct.splitlines() if r}
+    assert set(rows) == jobs, (rows, jobs)
+    assert {r[1] for r in rows.values()} == {"debug"} and {r[2] for r in rows.values()} == {"ci"}
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert sorted((out / "logs" / "slurm").glob("dask-worker-*.err"))  # the jobs' logs in the study folder
+    # the study folder is the same as on a LocalCluster: table, best plan (ready to run), report
+    assert len((out / "study.csv").read_text().splitlines()) == 9
+    assert "slurm_job_id" in (out / "study.csv").read_text().splitlines()[0].split(",")
+    best = load(out).best_trial
+    assert load_plan(out / "best" / "plan.yaml").stages[0].optimize["object_phase"].lr.value == pytest.approx(
+        best.params[LR])
+    assert "Best trial" in (out / "report.html").read_text()
+
+
+@pytest.mark.slurm
+def test_slurm_workers_on_the_gpu_partition_get_one_gpu_each(case, tmp_path):
+    """Workers as jobs on the gpu partition with --gres=gpu:1 (CI's node has one fake GPU, so one
+    worker): Slurm allocates the GPU to the job, and JAX, left to choose its platform (as on a
+    real cluster), falls back to the CPU there without failing the trials."""
+    if not _slurm_answers():
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
+    pytest.importorskip("dask_jobqueue")
+    slurm = {**CI_SLURM, "partition": "gpu", "gpus": 1, "maximum_jobs": 1}
+    space = _slow_space(case, tmp_path / "gpu.yaml", trials=2, workers=1)
+    space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()), "fixed": {"stages[main].iterations": 6},
+                                     "cluster": {"kind": "slurm", "slurm": slurm}}))
+    out = tmp_path / "out"
+    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, "-m", "ptycore.cli", "tune", "--space", str(space), "--out", str(out),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = load(out).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    jobs = {t.user_attrs["slurm_job_id"] for t in trials}
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(jobs)), "-o", "JobID,Partition"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = [r.split("|") for r in sacct.splitlines() if r]
+    assert {r[0] for r in rows} == jobs and all(r[1] == "gpu" for r in rows), rows
+    assert [t.user_attrs.get("cuda_visible_devices") for t in trials] == ["0", "0"]  # the node's one (fake) GPU
+    for t in trials:
+        prov = open_store(out / "trials" / f"{t.number:04d}" / "result-0.zarr").attrs["provenance"]
+        assert prov["platform"] == "cpu"
 
 
 def test_snakemake_tune_target(case, tmp_path):

@@ -5,7 +5,8 @@ a previous stage's result alike:
 
 * ``probe`` ``(probe_modes, N, N)`` complex64, ``sum |probe|^2`` = the mean total counts per
   pattern of the prepared data. ``probe: aperture`` (default) builds it from the metadata
-  (convergence angle, ``defocus_A``, ``aberrations``) with :func:`ptycore.physics.make_probe` on
+  (convergence angle, ``defocus_A``, ``aberrations``; the config's ``convergence_mrad``,
+  ``defocus_A`` and ``aberrations`` override them) with :func:`ptycore.physics.make_probe` on
   the grid ``(N, pixel_size_A)``; ``probe: vacuum`` takes the Fourier amplitude from the data,
   ``sqrt(mean pattern)``, with the aberration phase. ``probe_modes > 1``:
   :func:`ptycore.physics.make_mixed_probe` (powers decaying by ``probe_mode_decay``).
@@ -30,7 +31,10 @@ a previous stage's result alike:
   ``thickness_A`` (config, else metadata, else the ``from_result`` store's) divided by ``slices``.
 * attrs ``pixel_size_A``, ``origin_A`` (scan-frame (y, x) in Å of object pixel [0, 0], in the
   frame of ``data.zarr``: scan index (0, 0) of the ingested scan at (0, 0); like ``truth.zarr``'s),
-  ``mean_counts``, ``metadata``, ``init`` (the resolved config), ``provenance``.
+  ``mean_counts``, ``metadata``, ``init`` (the resolved config), ``provenance``; and
+  ``convergence_mrad`` when the config overrides the metadata's: the reconstruction then uses it
+  (probe support and aperture constraints) instead of the prepared data's, and its result stores
+  carry it on to the next stage.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class InitConfig(BaseModel):
     probe_modes: int = Field(default=1, ge=1, le=36)
     probe_mode_decay: float = Field(default=0.3, gt=0, le=1)
     defocus_A: float | None = Field(default=None, description="overrides the metadata's defocus_A")
+    convergence_mrad: float | None = Field(
+        default=None, gt=0, le=200, description="overrides the metadata's convergence semi-angle: the probe's "
+        "aperture here, and the reconstruction's (probe support, aperture constraints), which reads it from the "
+        "init store")
     aberrations: dict[str, float] | None = Field(default=None, description="replace the metadata's aberrations")
     obj_modes: int = Field(default=1, ge=1)
     slices: int = Field(default=1, ge=1)
@@ -269,9 +277,17 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
     if not (np.isfinite(mean_counts) and mean_counts > 0):
         raise InvalidData(f"{data}: the patterns have no counts (mean total {mean_counts:g})")
     defocus = meta.defocus_A if config.defocus_A is None else config.defocus_A
+    convergence = meta.convergence_mrad if config.convergence_mrad is None else config.convergence_mrad
+    if config.convergence_mrad is not None:
+        from ptycore.physics import wavelength_A
+
+        edge_mrad = wavelength_A(meta.energy_kv) / (2 * pixel) * 1e3  # half the detector's angular width
+        if convergence > edge_mrad:
+            raise InvalidArgument(f"{cfg}: convergence_mrad: {convergence:g} mrad lies outside the detector of "
+                                  f"{data} (its edge is {edge_mrad:.4g} mrad from the centre)")
     aberrations = dict(meta.aberrations if config.aberrations is None else config.aberrations)
     if config.probe == "aperture":
-        probe = aperture_probe(ky, pixel, meta.energy_kv, meta.convergence_mrad, defocus, aberrations, mean_counts)
+        probe = aperture_probe(ky, pixel, meta.energy_kv, convergence, defocus, aberrations, mean_counts)
     else:
         probe = vacuum_probe(mean, pixel, meta.energy_kv, defocus, aberrations)
     probe = np.asarray(make_mixed_probe(probe, config.probe_modes, config.probe_mode_decay), np.complex64)
@@ -346,6 +362,8 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
             "provenance": provenance(verb="init", inputs=inputs, config=resolved, object=object_note,
                                      seeds={"object_modes": config.seed}, upstream=attrs.get("provenance")),
         })
+        if config.convergence_mrad is not None:  # read by reconstruct (recon.context.init_convergence_mrad)
+            store.attrs["convergence_mrad"] = convergence
     return {"out": out, "object_shape": (phase.shape[0], phase.shape[1]) + tuple(shape),
             "probe_shape": tuple(probe.shape), "pixel_size_A": pixel, "slice_thickness_A": slice_thickness,
             "mean_counts": mean_counts, "warnings": notes}

@@ -65,8 +65,14 @@ class Measurement:
                        detector_mask=mask)
 
 
-def load_measurement(path) -> Measurement:
-    """Read a prepared store (see DESIGN): patterns are shifted to FFT order once, here."""
+def load_measurement(path, init_path=None) -> Measurement:
+    """Read a prepared store (see DESIGN): patterns are shifted to FFT order once, here.
+
+    With ``init_path`` (the init or previous result store the run starts from), its
+    ``convergence_mrad`` attr (the init config's ``convergence_mrad``) replaces the metadata's
+    convergence semi-angle, see :func:`init_convergence_mrad`."""
+    convergence_mrad = None if init_path is None else init_convergence_mrad(dict(open_store(init_path).attrs),
+                                                                           init_path)
     group = open_store(path)
     if "patterns" not in group:
         raise InvalidData(f"{path}: no 'patterns' array (is this a prepared store?)")
@@ -92,10 +98,20 @@ def load_measurement(path) -> Measurement:
         intensities=jnp.asarray(np.fft.ifftshift(np.clip(patterns, 0, None), axes=(-2, -1))),
         pixel_size_A=float(attrs["pixel_size_A"]),
         energy_kv=float(meta["energy_kv"]),
-        convergence_mrad=float(meta["convergence_mrad"]),
+        convergence_mrad=float(meta["convergence_mrad"] if convergence_mrad is None else convergence_mrad),
         scan_shape=tuple(attrs.get("scan_shape", meta.get("scan_shape"))),
         source=str(path),
     )
+
+
+def init_convergence_mrad(init_attrs: dict, where) -> float | None:
+    """The convergence semi-angle an init (or result) store overrides the data's with, or None."""
+    value = init_attrs.get("convergence_mrad")
+    if value is None:
+        return None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 200):
+        raise InvalidData(f"{where}: attribute convergence_mrad must be a number in (0, 200] mrad, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -233,7 +233,7 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         estimate = estimate_memory(stages, state, patterns_shape, n_devices)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    measurement = load_measurement(data_path)
+    measurement = load_measurement(data_path, init_path)  # the init's convergence_mrad, if it has one
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
@@ -306,6 +306,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                     "max_memory_gb": max_memory_gb, "devices": n_devices},
             ),
         })
+        if "convergence_mrad" in init_attrs:  # the init config's convergence angle, carried on to the next stage
+            group.attrs["convergence_mrad"] = measurement.convergence_mrad
         # the store is the output: move it up, drop the checkpoints
         final = tmp.with_name(tmp.name + ".store")
         if final.exists():  # left by a run killed at this very step

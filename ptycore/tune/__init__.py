@@ -33,13 +33,16 @@ A search space (``config/tune/NAME.yaml``), validated before any compute::
     retries: 1                        # reruns of a trial whose worker was lost
 
 Init parameters (``init.FIELD``) are the fields of the init config (``ptycore init``:
-``defocus_A``, ``probe_modes``, ``slices``, ``slice_thickness_A``, ``thickness_A``, ...) and
-``scan_rotation_deg`` (a rotation of the nominal positions, composed with the config's
-``affine``); tuning any of them makes every trial run ``ptycore init`` itself.
+``defocus_A``, ``convergence_mrad``, ``probe_modes``, ``slices``, ``slice_thickness_A``,
+``thickness_A``, ...) and ``scan_rotation_deg`` (a rotation of the nominal positions, composed
+with the config's ``affine``); tuning any of them makes every trial run ``ptycore init`` itself.
+``convergence_mrad`` overrides the data's metadata twice: init builds the probe's aperture with
+it, and the reconstruction uses it (probe-aperture constraint, ``kz_filter``, detector-crop
+checks), reading it from the init store.
 
 The study folder (``--out``): ``trials/NNNN/`` (``plan.yaml``, ``init.yaml`` when init
 parameters are tuned, ``result-D.zarr`` per dataset D, ``init-D.zarr``), ``study.journal``,
 ``study.csv`` and ``study.zarr`` (one row per trial: parameters, objective, state, seconds,
-worker, seeds, first error line), ``best/plan.yaml`` (a ready plan; ``best/init.yaml``),
-``figures/*.png``, ``report.html``.
+worker, Slurm job and GPU, seeds, first error line), ``best/plan.yaml`` (a ready plan;
+``best/init.yaml``), ``figures/*.png``, ``report.html``, ``logs/slurm/`` (the Slurm jobs' logs).
 """

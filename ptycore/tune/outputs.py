@@ -21,8 +21,9 @@ from ptycore.report import _page, embed_png, fmt
 from ptycore.store import create_store, now_iso, write_array
 from ptycore.tune.trial import INIT_FILE, PLAN_FILE, trial_dir
 
-COLUMNS = ["trial", "state", "objective", "last_reported", "seconds", "worker", "host", "sampler_seed", "plan_seed",
-           "attempt", "retry_of", "error"]
+COLUMNS = ["trial", "state", "objective", "last_reported", "seconds", "worker", "host", "slurm_job_id",
+           "cuda_visible_devices", "sampler_seed", "plan_seed", "attempt", "retry_of", "error"]
+USER_ATTR_COLUMNS = COLUMNS[COLUMNS.index("worker"):]  # what the trial records itself (trial.py)
 
 
 def trial_rows(study) -> list[dict]:
@@ -36,8 +37,7 @@ def trial_rows(study) -> list[dict]:
         row = {"trial": t.number, "state": t.state.name.lower(),
                "objective": t.value if t.state.name == "COMPLETE" else None,
                "last_reported": t.intermediate_values[steps[-1]] if steps else None, "seconds": seconds,
-               **{k: t.user_attrs.get(k) for k in ("worker", "host", "sampler_seed", "plan_seed", "attempt",
-                                                   "retry_of", "error")}}
+               **{k: t.user_attrs.get(k) for k in USER_ATTR_COLUMNS}}
         row["last_step"] = steps[-1] + 1 if steps else None
         for name in names:
             row[name] = t.params.get(name)

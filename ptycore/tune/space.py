@@ -33,8 +33,8 @@ class _Strict(BaseModel):
 class Parameter(_Strict):
     """A float or integer range (``low``, ``high``, optional ``log`` or ``step``), or ``choices``."""
 
-    low: float | None = None
-    high: float | None = None
+    low: float | None = Field(default=None, allow_inf_nan=False)
+    high: float | None = Field(default=None, allow_inf_nan=False)
     log: bool = False
     step: float | None = Field(default=None, gt=0)
     type: Literal["float", "int"] | None = Field(default=None, description="default: int if low and high are")

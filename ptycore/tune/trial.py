@@ -98,6 +98,10 @@ def total_steps(plan: dict) -> int:
 
 def _worker_identity() -> dict:
     info = {"host": socket.gethostname(), "pid": os.getpid()}
+    if os.environ.get("SLURM_JOB_ID"):  # a SLURMCluster worker: the job that ran the trial
+        info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # the GPU(s) the job was given
+        info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     try:
         from distributed import get_worker
 
@@ -185,9 +189,13 @@ def _drop_partials(folder: Path) -> None:
 
 def run_one(job: Job) -> int | None:
     """The dask task: one trial of the study. Returns its number (None if Optuna gave none)."""
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's error is its user attr 'error'
+    # enqueued points may lie outside the ranges on purpose (e.g. the base plan's own values)
+    warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
     space = Space.model_validate(job.space)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     study = optuna.load_study(study_name=job.study_name, storage=make_storage(job.storage, space.heartbeat_seconds),
