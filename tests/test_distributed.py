@@ -334,3 +334,28 @@ def test_launch_takes_the_command_as_srun_does(tmp_path):
     proc = _cli(["launch", "-n", "2", "ptycore", "launch", "-n", "2", "--", "inspect"], tmp_path)
     assert proc.returncode == 2
     assert "'launch' cannot be launched as several processes" in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_workflow_runs_a_two_device_plan_as_two_processes(tmp_path):
+    """profiles/local, a plan with devices: 2: each reconstruct job is two connected processes
+    (ptycore launch), whose result store records 2 devices over 2 processes."""
+    from test_workflow import ROOT, job_counts, missing_verbs, snakemake
+
+    if missing_verbs():
+        pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
+    config = _workflow_config(tmp_path, plan_devices=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = snakemake(work, "--profile", str(ROOT / "profiles" / "local"), "--cores", "2", configfile=config)
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert job_counts(proc.output)["reconstruct"] == 2
+    for stage in ("coarse", "fine"):
+        _, prov = _result(work / "results" / "tiny" / "tiny" / "stages" / f"{stage}.zarr")
+        placement = prov["placement"]
+        assert (placement["devices"], placement["processes"], placement["launcher"]) == (2, 2, "explicit"), placement
+    log = (work / "results" / "logs" / "tiny" / "tiny" / "reconstruct-coarse.log").read_text()
+    # the coarse stage draws random batches: one warning line (from process 0 only) says so
+    assert log.count("random grouping on 2 devices") == 1, log
+    assert "random grouping" not in (work / "results" / "logs" / "tiny" / "tiny" / "reconstruct-fine.log").read_text()
+    assert (work / "results" / "tiny" / "tiny" / "eval" / "metrics.json").exists()

@@ -228,10 +228,10 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     init_group = open_store(init_path)
     init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
-    if on_warning is not None and not (resume and out_path.exists()):
+    if on_warning is not None and writer and not (resume and out_path.exists()):  # process 0 of several says it
         for line in physics_warnings:
             on_warning(line)
-        if writer and n_devices > 1:
+        if n_devices > 1:
             for line in placement_warnings(stages, n_devices):
                 on_warning(line)
     records = []
