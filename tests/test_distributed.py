@@ -359,3 +359,51 @@ def test_local_workflow_runs_a_two_device_plan_as_two_processes(tmp_path):
     assert log.count("random grouping on 2 devices") == 1, log
     assert "random grouping" not in (work / "results" / "logs" / "tiny" / "tiny" / "reconstruct-fine.log").read_text()
     assert (work / "results" / "tiny" / "tiny" / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path):
+    """``ptycore launch -n 2``, killed (SIGKILL to every process, as a node failure) after its
+    first checkpoints, then launched again with --resume: both processes restart from process
+    0's checkpoint and the result equals the uninterrupted two-process run's."""
+    import signal
+    import time
+
+    import numpy as np
+    import yaml
+
+    plan = _stores(tmp_path)
+    record = yaml.safe_load(plan.read_text())
+    record["stages"][0].update(iterations=150, checkpoint_every=5)
+    plan.write_text(yaml.safe_dump(record))
+    common = ["--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--quiet"]
+    whole = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "whole.zarr"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "ptycore.cli", "launch", "-n", "2", "--", "reconstruct", *common, "--out", "cut.zarr"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt = tmp_path / "cut.zarr.partial" / "checkpoints" / "main.npz"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: give it more iterations"
+    assert ckpt.exists(), "no checkpoint within 300 s"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes, at once
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert not (tmp_path / "cut.zarr").exists()
+
+    resumed = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--resume", "--out", "cut.zarr"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    s_whole, _ = _result(tmp_path / "whole.zarr")
+    s_cut, prov = _result(tmp_path / "cut.zarr")
+    timing = prov["stage_timings"]["main"]
+    assert 0 < timing["resumed_from"] < 150, timing  # it continued from a checkpoint, not from iteration 0
+    assert prov["placement"]["processes"] == 2
+    for name in ("object_phase", "object_amplitude", "probe", "positions_A"):
+        a, b = np.asarray(getattr(s_whole, name)), np.asarray(getattr(s_cut, name))
+        assert np.max(np.abs(a - b)) <= 1e-6 * max(float(np.max(np.abs(a))), 1.0), name
+    assert not (tmp_path / "cut.zarr.partial").exists()
