@@ -407,3 +407,36 @@ def test_killed_two_process_run_resumes_from_its_checkpoint_to_the_uninterrupted
         a, b = np.asarray(getattr(s_whole, name)), np.asarray(getattr(s_cut, name))
         assert np.max(np.abs(a - b)) <= 1e-6 * max(float(np.max(np.abs(a))), 1.0), name
     assert not (tmp_path / "cut.zarr.partial").exists()
+
+
+@pytest.mark.mpi
+def test_mpirun_two_processes_detected_through_mpi4py_give_the_result_of_one(tmp_path):
+    """``mpirun -n 2 ptycore reconstruct`` (Open MPI): jax.distributed finds the two processes
+    through mpi4py; process 0 writes the result, the same as one process's."""
+    import shutil
+
+    import numpy as np
+
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]'")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("no mpirun (Debian: apt-get install openmpi-bin libopenmpi-dev)")
+    plan = _stores(tmp_path)
+    common = ["--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--quiet"]
+    one = _cli(["reconstruct", *common, "--out", "one.zarr"], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent),
+           # Open MPI refuses root (CI containers) without both
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([mpirun, "-n", "2", "--oversubscribe", sys.executable, "-m", "ptycore.cli", "reconstruct",
+                           *common, "--out", "two.zarr"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    s1, _ = _result(tmp_path / "one.zarr")
+    s2, prov = _result(tmp_path / "two.zarr")
+    placement = prov["placement"]
+    assert (placement["launcher"], placement["processes"], placement["devices"]) == ("mpi", 2, 2), placement
+    for name in ("object_phase", "object_amplitude", "probe"):
+        a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
+        assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name
