@@ -209,7 +209,7 @@ def test_one_device_job_is_plain_reconstruct_on_both_profiles(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
     config = _workflow_config(tmp_path)
     for profile in ("local", "slurm"):
-        for stage, job in _dry_run(tmp_path, config, profile).items():
+        for job in _dry_run(tmp_path, config, profile).values():
             assert job["command"].startswith("ptycore reconstruct --plan "), (profile, job["command"])
             res = job["resources"]
             assert res["gres"] == "gpu:1" and res["mem_mb"] == "3000", (profile, res)
@@ -306,7 +306,8 @@ def test_plan_devices_field():
     from ptycore.errors import InvalidPlan
     from ptycore.plan import parse_plan
 
-    record = {"stages": [{"name": "s", "engine": "gradient", "iterations": 1, "optimize": {"object_phase": {"lr": 0.1}}}]}
+    record = {"stages": [{"name": "s", "engine": "gradient", "iterations": 1,
+                          "optimize": {"object_phase": {"lr": 0.1}}}]}
     one, two = parse_plan(record), parse_plan({**record, "devices": 2})
     assert (one.devices, two.devices) == (1, 2)
     assert one.hash() == two.hash()  # where it runs is not what it computes: checkpoints carry over
@@ -320,8 +321,8 @@ def test_a_plan_for_two_devices_in_one_single_device_process_is_refused(tmp_path
     plan = _stores(tmp_path)
     record = yaml.safe_load(plan.read_text())
     plan.write_text(yaml.safe_dump({**record, "devices": 2}))
-    proc = _cli(["reconstruct", "--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--out", "o.zarr"],
-                tmp_path)
+    args = ["reconstruct", "--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--out", "o.zarr"]
+    proc = _cli(args, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "ptycore reconstruct: error: the plan asks for 2 devices (devices: 2) and this process has 1: start it as "
