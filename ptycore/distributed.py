@@ -7,8 +7,8 @@ connects the processes of one run, so that ``jax.devices()`` lists the devices o
 
 1. **explicit**: ``PTYCORE_COORDINATOR`` (``host:port`` of process 0), ``PTYCORE_NUM_PROCESSES``,
    ``PTYCORE_PROCESS_ID`` and optionally ``PTYCORE_LOCAL_DEVICE_IDS`` (comma-separated device
-   ids this process uses, e.g. ``0,1``). ``ptycore launch -n N`` sets them on one machine; a
-   facility whose launcher is neither Slurm nor MPI sets them itself.
+   ids this process uses, e.g. ``0,1``; also read under Slurm and MPI). ``ptycore launch -n N``
+   sets them on one machine; a facility whose launcher is neither Slurm nor MPI sets them itself.
 2. **Slurm**: a job step started by ``srun`` with more than one task (``SLURM_STEP_NUM_TASKS``
    or ``SLURM_NTASKS`` > 1, ``SLURM_PROCID`` set): JAX reads the coordinator (the first node
    of the step), process count and id from Slurm's environment.
@@ -56,6 +56,21 @@ def launcher(env=None) -> str | None:
     return None
 
 
+def local_device_ids(env) -> list[int] | None:
+    """The local devices this process uses: ``PTYCORE_LOCAL_DEVICE_IDS``; else [0] when the
+    launcher bound one GPU to the task (``CUDA_VISIBLE_DEVICES`` names one, e.g. srun
+    --gpus-per-task=1); else None, JAX's choice (under Slurm and MPI: the local task number,
+    one GPU per task of a node that shows every task all its GPUs)."""
+    ids = env.get(ENV_LOCAL_DEVICE_IDS)
+    if ids:
+        try:
+            return [int(i) for i in ids.split(",")]
+        except ValueError:
+            raise InvalidArgument(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be comma-separated integers") from None
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return [0] if len(visible) == 1 else None
+
+
 def initialize(env=None) -> dict | None:
     """Connect this process to the others of its run (see the module docstring); returns what
     was used (for provenance) or None for a single process. Idempotent."""
@@ -69,28 +84,29 @@ def initialize(env=None) -> dict | None:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    local = local_device_ids(env)
     if how == "explicit":
         n = _int_env(ENV_NUM_PROCESSES, env)
         pid = _int_env(ENV_PROCESS_ID, env)
         if n < 1 or not 0 <= pid < n:
             raise InvalidArgument(f"{ENV_PROCESS_ID}={pid} must be in 0..{n - 1} ({ENV_NUM_PROCESSES}={n})")
-        ids = env.get(ENV_LOCAL_DEVICE_IDS)
-        try:
-            local = [int(i) for i in ids.split(",")] if ids else None
-        except ValueError:
-            raise InvalidArgument(f"{ENV_LOCAL_DEVICE_IDS}={ids!r} must be comma-separated integers") from None
         jax.distributed.initialize(coordinator_address=env[ENV_COORDINATOR], num_processes=n, process_id=pid,
                                    local_device_ids=local)
     elif how == "slurm":
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local)
     else:
         try:
             import mpi4py  # noqa: F401
         except ModuleNotFoundError:
             raise MissingDependency("started by mpirun/mpiexec with several processes, but mpi4py is not "
                                     "installed (pip install 'ptycore[mpi]')") from None
-        jax.distributed.initialize(cluster_detection_method="mpi4py")
+        jax.distributed.initialize(cluster_detection_method="mpi4py", local_device_ids=local)
     _initialized = {"launcher": how, "processes": jax.process_count(), "process_id": jax.process_index()}
+    return _initialized
+
+
+def info() -> dict | None:
+    """What :func:`initialize` connected (``launcher``, ``processes``, ``process_id``), or None."""
     return _initialized
 
 

@@ -32,6 +32,10 @@ A parameter's ``start`` may not lie beyond the stage's ``iterations`` (``start``
 ``iterations`` keeps it fixed), some data-fit loss (single, poisson, anscombe) must have a
 non-zero weight, and no number may be NaN.
 
+``devices:`` (top level, default 1) is how many devices one run of the plan asks for: the
+workflow requests that many GPUs / tasks and starts that many processes (``ptycore reconstruct``
+uses them all; see ``--devices``).
+
 ``for:`` (top level) says what data the plan is for (``ptycore plans`` shows it). Fields may be
 ``auto`` or ``"= expression"``: rules resolved from the prepared data when ``ptycore reconstruct``
 starts (see :mod:`ptycore.recon.autoplan`); such a plan is validated as resolved for nominal data
@@ -546,6 +550,8 @@ class Plan(_Strict):
     name: str = "plan"
     for_: str | None = Field(default=None, alias="for", description="what data this plan is for (ptycore plans)")
     seed: int = 0
+    #: devices one run of this plan asks for (the workflow requests them; see ``ptycore reconstruct --devices``)
+    devices: int = Field(default=1, ge=1, description="devices (GPUs, processes) one run of this plan asks for")
     stages: list[Stage] = Field(min_length=1)
     #: the plan as written, when it has ``auto`` fields or expressions (see ptycore.recon.autoplan)
     _rules: dict | None = PrivateAttr(default=None)
@@ -585,7 +591,10 @@ class Plan(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
     def hash(self) -> str:
-        return "sha256:" + hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+        """What the plan computes: ``devices`` (where it runs) is left out, so a checkpoint or result of
+        the plan on one device is the same plan's on N."""
+        record = {k: v for k, v in self.resolved().items() if k != "devices"}
+        return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _hint(key: str, known) -> str:

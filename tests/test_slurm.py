@@ -36,6 +36,16 @@ def _slurm_answers() -> bool:
         return False
 
 
+def ci_profile(base):
+    """The CI copy of profiles/slurm in base/ci_slurm_profile."""
+    profile = base / "ci_slurm_profile"
+    profile.mkdir()
+    config = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    config.update(CI_OVERRIDES)
+    (profile / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return profile
+
+
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     if not _slurm_answers():
@@ -44,11 +54,7 @@ def slurm_run(tmp_path_factory):
         pytest.skip(f"verbs not written yet: {', '.join(missing_verbs())}")
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
     base = tmp_path_factory.mktemp("slurm")
-    profile = base / "ci_slurm_profile"
-    profile.mkdir()
-    config = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
-    config.update(CI_OVERRIDES)
-    (profile / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    profile = ci_profile(base)
     workdir = base / "work"
     workdir.mkdir()
     proc = snakemake(workdir, "--profile", str(profile), timeout=1800)
@@ -110,3 +116,40 @@ def test_rerun_on_slurm_finishes_the_aggregate_then_has_nothing_to_do(slurm_run,
     assert job_counts(proc.output) == {"aggregate": 1, "all": 1}, proc.output
     proc = snakemake(workdir, "-n", configfile=good)
     assert proc.returncode == 0 and "Nothing to be done" in proc.output, proc.output
+
+
+# ---------------------------------------------------------------- one reconstruction, two Slurm tasks
+def test_two_device_plan_runs_as_an_srun_step_of_two_tasks_that_jax_distributed_detects(tmp_path):
+    """A plan with devices: 2 through the CI copy of profiles/slurm: each reconstruct job is one
+    Slurm job of 2 tasks whose command runs `srun -n 2 ptycore reconstruct`; both tasks connect
+    through jax.distributed from Slurm's environment, and the result records 2 processes. The CI
+    node has one (fake) GPU, so the config asks for CPU tasks (resources.reconstruct.gpu: false),
+    as on a CPU cluster."""
+    from test_distributed import _workflow_config
+
+    if not _slurm_answers():
+        pytest.skip("no Slurm cluster answers (start one with: bash .ci/local_slurm.sh)")
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
+    profile = ci_profile(tmp_path)
+    config = _workflow_config(tmp_path, plan_devices=2, reconstruct={"gpu": False})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = snakemake(workdir, "--profile", str(profile), configfile=config, timeout=1200)
+    assert proc.returncode == 0, proc.output[-4000:]
+    results = workdir / "results"
+    jobs = {}
+    for stage in ("coarse", "fine"):
+        store = zarr.open_group(str(results / "tiny" / "tiny" / "stages" / f"{stage}.zarr"), mode="r")
+        prov = store.attrs["provenance"]
+        placement = prov["placement"]
+        assert (placement["launcher"], placement["processes"], placement["devices"]) == ("slurm", 2, 2), placement
+        jobs[stage] = str(prov["slurm_job_id"])
+    out = subprocess.run(["sacct", "-n", "-P", "-j", ",".join(jobs.values()), "-o", "JobID,NTasks,State"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    steps = [line.split("|") for line in out.splitlines()]
+    for stage, job in jobs.items():
+        # the batch job, and in it one srun step of two tasks that completed
+        two_task_steps = [s for s in steps if s[0].startswith(f"{job}.") and s[0].split(".")[1].isdigit()
+                          and s[1] == "2" and s[2] == "COMPLETED"]
+        assert two_task_steps, (stage, out)
+    assert (results / "tiny" / "tiny" / "eval" / "metrics.json").exists()

@@ -13,10 +13,12 @@ def add_arguments(p):
 
     p.add_argument("-n", "--processes", type=int, required=True, metavar="N", help="number of processes")
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--devices-per-process", type=int, metavar="K",
-                   help="give process i the local devices i·K … i·K+K-1 (GPUs of this machine); default: JAX's "
-                        "own choice (CPU: one device each, or XLA_FLAGS' virtual count)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- VERB ARGS... (the ptycore command each process runs)")
+    p.add_argument("--devices-per-process", type=int, metavar="K", default=1,
+                   help="give process i the local GPUs i·K … i·K+K-1 (default 1: one GPU each); no effect on the "
+                        "CPU (one device per process, or XLA_FLAGS' virtual count)")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="[--] [ptycore] VERB ARGS... (the ptycore command each process runs; written as for srun or "
+                        "mpirun, 'ptycore launch -n 2 ptycore reconstruct ...', works too)")
 
 
 def _free_port() -> int:
@@ -40,12 +42,16 @@ def run(args) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if command and command[0] == "ptycore":  # as srun/mpirun take it (the workflow's launcher)
+        command = command[1:]
     if not command:
         raise InvalidArgument("no command to launch: give it after '--', e.g. 'ptycore launch -n 2 -- reconstruct ...'")
     if command[0] in ("launch", "tune"):
         raise InvalidArgument(f"'{command[0]}' cannot be launched as several processes")
     if args.processes < 1:
         raise InvalidArgument(f"-n must be >= 1, got {args.processes}")
+    if args.devices_per_process < 1:
+        raise InvalidArgument(f"--devices-per-process must be >= 1, got {args.devices_per_process}")
     port = args.port or _free_port()
     procs = []
     for i in range(args.processes):

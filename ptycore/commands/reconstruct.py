@@ -37,8 +37,9 @@ def add_arguments(p):
                         "the run is refused before it starts if its estimated peak is larger")
     p.add_argument("--devices", metavar="N|all",
                    help="devices to shard the scan positions over (data parallelism; same result up to float32 "
-                        "rounding): a number or 'all' (default: 1, or every device of every process when started "
-                        "as several processes by srun, mpirun or 'ptycore launch'); the memory estimate is per device")
+                        "rounding): a number or 'all' (default: every device of every process when started as "
+                        "several processes by srun, mpirun or 'ptycore launch', else the plan's devices:, 1 unless "
+                        "it says); the memory estimate is per device")
 
 
 def check_checkpoints(out) -> None:

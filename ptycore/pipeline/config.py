@@ -117,6 +117,64 @@ def retry_scaled_resources(config: dict, rule: str) -> dict:
     return res
 
 
+#: how a job on several devices starts its processes, unless resources.<rule>.launcher says otherwise
+#: (the Snakemake ``mpi`` resource; profiles/local sets it to ``ptycore launch``)
+DEFAULT_LAUNCHER = "srun"
+
+
+def device_resources(config: dict, rule: str, n_devices: int) -> dict:
+    """What one job of a rule on ``n_devices`` devices asks for beyond :func:`resources_for`, as
+    snakemake-executor-plugin-slurm reads it. One device: nothing changes (a GPU rule keeps
+    ``gres`` gpu:1). N > 1: N tasks (one process per device, ``tasks``) started by the launcher
+    (``mpi``, default srun) and, for a GPU rule, N GPUs with one task each (``gpu``,
+    ``tasks_per_gpu``; ``nodes`` = ceil(N / gpus_per_node) when the rule's ``gpus_per_node`` is
+    set) instead of the gres; ``mem_mb`` is per node, so × the tasks on one node."""
+    s = rule_settings(config, rule)
+    if n_devices <= 1:
+        return {}
+    out = {"tasks": n_devices, "mpi": s.get("launcher") or DEFAULT_LAUNCHER, "gres": None}
+    per_node = n_devices
+    if s.get("gpu"):
+        out.update(gpu=n_devices, tasks_per_gpu=1)
+        if s.get("gpus_per_node"):
+            per_node = min(n_devices, s["gpus_per_node"])
+            out["nodes"] = -(-n_devices // s["gpus_per_node"])
+    out["mem_mb"] = s["mem_mb"] * per_node
+    return out
+
+
+DEVICE_KEYS = ("tasks", "mpi", "gpu", "tasks_per_gpu", "nodes")
+
+
+def device_scaled_resources(config: dict, rule: str, devices_of) -> dict:
+    """:func:`retry_scaled_resources` for a rule whose jobs run on ``devices_of(wildcards)``
+    devices each (see :func:`device_resources`): every value a function of (wildcards, attempt);
+    a key a job does not need is None (snakemake leaves it out)."""
+    base = resources_for(config, rule)
+    res = {k: v for k, v in base.items() if k not in ("gres", "mem_mb", "runtime")}
+
+    def per_job(key, default=None, scaled=False):
+        def value(wildcards, attempt):
+            extra = device_resources(config, rule, devices_of(wildcards))
+            v = extra.get(key, default)
+            return v * attempt if scaled else v
+        return value
+
+    res["runtime"] = per_job("runtime", base["runtime"], scaled=True)
+    res["mem_mb"] = per_job("mem_mb", base["mem_mb"], scaled=True)
+    if "gres" in base:
+        res["gres"] = per_job("gres", base["gres"])
+    for key in DEVICE_KEYS:
+        res[key] = per_job(key)
+    return res
+
+
+def launch_prefix(n_devices: int, launcher: str | None) -> str:
+    """The start of a command that runs on ``n_devices`` devices: nothing for one, else
+    ``LAUNCHER -n N `` (srun, mpirun and ``ptycore launch`` all take -n N and the command)."""
+    return "" if n_devices <= 1 else f"{launcher or DEFAULT_LAUNCHER} -n {n_devices} "
+
+
 def threads_for(config: dict, rule: str) -> int:
     return rule_settings(config, rule)["cpus"]
 

@@ -44,6 +44,18 @@ def read_stages(path: str | Path) -> list[str]:
     return names
 
 
+def plan_devices(record, where: str) -> int:
+    """A plan's top-level ``devices:`` (default 1): how many devices one run of it asks for."""
+    n = record.get("devices", 1) if isinstance(record, dict) else 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"plan {where}: devices: must be an integer >= 1, got {n!r}")
+    return n
+
+
+def read_devices(path: str | Path) -> int:
+    return plan_devices(yaml.safe_load(Path(path).read_text()), str(path))
+
+
 @dataclass
 class Plan:
     name: str
@@ -51,6 +63,7 @@ class Plan:
     stages: list[str]
     study: str | None = None  # the study a derived plan belongs to
     text: str | None = None  # a derived plan's YAML (the study_plan rule writes it to path)
+    devices: int = 1  # the plan's devices: (GPUs / processes of one reconstruct job)
 
 
 @dataclass
@@ -107,7 +120,7 @@ class Pipeline:
             if self.plans[name].path != path:
                 raise ConfigError(f"plans: two plans named {name!r}")
             return
-        self.plans[name] = Plan(name, path, read_stages(path))
+        self.plans[name] = Plan(name, path, read_stages(path), devices=read_devices(path))
 
     def _add_study(self, p: str) -> None:
         from ptycore.studies import derive, load_study
@@ -133,7 +146,7 @@ class Pipeline:
             plan = run.plan_name(name)
             stages = [str(s["name"]) for s in run.plan["stages"]]
             self.plans[plan] = Plan(plan, layout.study_plan_path(name, plan), stages, study=name,
-                                    text=files[f"plans/{plan}.yaml"])
+                                    text=files[f"plans/{plan}.yaml"], devices=plan_devices(run.plan, plan))
             pairs += [(d, plan) for d in run.datasets]
         self.studies[name] = Study(name, path, pairs, files["aggregate.yaml"], runs)
 
@@ -164,6 +177,12 @@ class Pipeline:
         """The plans a dataset runs: its own ``plans:`` list, else the config's top-level ``plans``."""
         wanted = self.dataset(name).get("plans")
         return [plan_name(p) for p in wanted] if wanted else list(self.top_plans)
+
+    def devices(self, dataset: str, plan: str) -> int:
+        """Devices one reconstruct job of dataset × plan runs on: the dataset's ``devices:``, else
+        the plan's, else 1 (a half dataset, NAME~halfK, as its whole dataset)."""
+        own = self.dataset(dataset).get("devices")
+        return int(own) if own else self.plan(plan).devices
 
     def frc_wanted(self, dataset: str, plan: str) -> bool:
         """Whether dataset × plan also reconstructs the two half datasets and evaluates their FRC:

@@ -21,11 +21,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from ptycore.distributed import info as distributed_info
 from ptycore.distributed import is_writer
 from ptycore.errors import InvalidArgument, InvalidData, PtycoreError
 from ptycore.plan import load_plan
 from ptycore.recon import memory
 from ptycore.recon.context import load_measurement
+from ptycore.recon.engines.registry import REGISTRY
 from ptycore.recon.placement import Placement
 from ptycore.recon.runner import StopSignals, check_stage_detector, run_stage
 from ptycore.recon.state import load_state, write_state
@@ -156,11 +158,29 @@ def resolve_plan(plan, data_path, init_path, state):
     return plan, facts, notes, autoplan.slice_warnings(facts, plan.stages, state.n_slices, total)
 
 
-def make_placement(devices) -> Placement | None:
+def placement_warnings(stages, n_devices: int) -> list[str]:
+    """One line per stage whose batches on ``n_devices`` devices are not one device's: ``random``
+    grouping draws each device's share of a batch from that device's own positions (see
+    ptycore/recon/placement.py), except in engines that keep one set of batches (LM)."""
+    out = []
+    for s in stages:
+        if s.grouping == "random" and not getattr(REGISTRY[s.engine].load(), "fixed_batches", False):
+            out.append(f"stage {s.name!r}: random grouping on {n_devices} devices draws each batch per device "
+                       "(stratified), so the result is not the 1-device one within rounding; grouping: compact or "
+                       "sparse gives the same batches on any device count")
+    return out
+
+
+def make_placement(devices, plan_devices: int = 1) -> Placement | None:
     """The run's devices: ``devices`` a count, ``"all"`` (every device of every process), or None
-    (one device; all of them when ``jax.distributed`` connected several processes)."""
+    (all of them when ``jax.distributed`` connected several processes, else the plan's
+    ``devices``, default 1)."""
+    if devices is None and jax.process_count() == 1 and plan_devices > len(jax.devices()):
+        raise InvalidArgument(f"the plan asks for {plan_devices} devices (devices: {plan_devices}) and this process "
+                              f"has {len(jax.devices())}: start it as {plan_devices} processes ('ptycore launch -n "
+                              f"{plan_devices} -- reconstruct ...', srun or mpirun) or pass --devices 1")
     if devices is None:
-        devices = "all" if jax.process_count() > 1 else 1
+        devices = "all" if jax.process_count() > 1 else plan_devices
     n = len(jax.devices()) if devices == "all" else int(devices)
     if n > len(jax.devices()):
         raise InvalidArgument(f"--devices {n}: the run has {len(jax.devices())} device(s) "
@@ -210,11 +230,11 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     ``devices``: see :func:`make_placement`. With several processes, process 0 writes the result
     and the checkpoints; every process reads the checkpoints on ``resume``."""
     started = now_iso()
-    placement = make_placement(devices)
+    plan = load_plan(plan_path)
+    placement = make_placement(devices, plan.devices)
     n_devices = 1 if placement is None else placement.n_devices
     writer = is_writer()
     out_path = Path(out_path)
-    plan = load_plan(plan_path)
     state, pixel_A = load_state(init_path)
     plan, facts, plan_notes, physics_warnings = resolve_plan(plan, data_path, init_path, state)
     if seed is not None:
@@ -240,9 +260,12 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     init_group = open_store(init_path)
     init_attrs = dict(init_group.attrs)
     previous_stages, previous_history = read_previous_history(init_group)
-    if on_warning is not None and not (resume and out_path.exists()):
+    if on_warning is not None and writer and not (resume and out_path.exists()):  # process 0 of several says it
         for line in physics_warnings:
             on_warning(line)
+        if n_devices > 1:
+            for line in placement_warnings(stages, n_devices):
+                on_warning(line)
     records = []
     if not writer:  # another process writes; this one computes its share and reads the checkpoints
         output = contextlib.nullcontext(partial_path(out_path))
@@ -297,7 +320,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                 stage_grids={r.name: {"pixel_size_A": r.pixel_size_A, "detector_px": list(r.detector_px)}
                              for r in records},
                 compilations=sum(r.compilations for r in records),
-                placement=(Placement() if placement is None else placement).describe(),
+                placement={**(Placement() if placement is None else placement).describe(),
+                           "launcher": (distributed_info() or {}).get("launcher")},
                 networks=network_summary(records),
                 memory_estimate=None if estimate is None else {
                     **estimate.as_record(),

@@ -12,13 +12,15 @@ from snakemake.exceptions import WorkflowError
 from ptycore.errors import PtycoreError
 from ptycore.pipeline import layout
 from ptycore.pipeline.config import put_interpreter_on_path, readable_config_error
+from ptycore.pipeline.config import device_scaled_resources as _device_scaled_resources
+from ptycore.pipeline.config import launch_prefix as _launch_prefix
 from ptycore.pipeline.config import resources_for as _resources_for
 from ptycore.pipeline.config import retry_scaled_resources as _retry_scaled_resources
 from ptycore.pipeline.config import threads_for as _threads_for
 from ptycore.pipeline.model import config_option as _config_option
 from ptycore.pipeline.model import half_option as _half_option
 
-RESULTS, LOGS, FIGURES = layout.RESULTS, layout.LOGS, layout.FIGURES
+RESULTS, LOGS, FIGURES, BENCH = layout.RESULTS, layout.LOGS, layout.FIGURES, layout.BENCH
 NAME_RE, DATASET_RE = layout.NAME_RE, layout.DATASET_RE
 
 put_interpreter_on_path(sys.executable)
@@ -60,6 +62,23 @@ def retry_scaled_resources(rule):
 
 def threads_for(rule):
     return _threads_for(config, rule)
+
+
+@_one_line
+def reconstruct_devices(wc):
+    """Devices of one reconstruct job: the dataset's devices:, else the plan's, else 1."""
+    return PIPE.devices(wc.dataset, wc.plan)
+
+
+def device_scaled_resources(rule):
+    """retry_scaled_resources, and N tasks / GPUs / the mpi launcher for a job on N devices."""
+    return _device_scaled_resources(config, rule, reconstruct_devices)
+
+
+def launch_prefix(wildcards, resources):
+    """'' on one device, else 'LAUNCHER -n N ' (resources.mpi: srun on Slurm, 'ptycore launch' in
+    profiles/local)."""
+    return _launch_prefix(reconstruct_devices(wildcards), resources.get("mpi"))
 
 
 # ---------------------------------------------------------------- input functions and params

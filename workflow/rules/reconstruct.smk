@@ -8,6 +8,11 @@
 # from the beginning. --restart-stale: a checkpoint left by an earlier version of the plan or
 # other inputs (the dataset or plan changed since the kill) is removed and the stage starts over,
 # instead of failing the job every night until someone deletes it.
+#
+# devices: N (the dataset's, else the plan's; default 1): the job runs N connected processes, one
+# per device, started by the `mpi` resource: `srun -n N` in a Slurm job of N tasks (N GPUs, one
+# task each, for the GPU rule), `ptycore launch -n N` with profiles/local. One device: the command
+# is plain `ptycore reconstruct`.
 
 
 rule reconstruct:
@@ -24,7 +29,9 @@ rule reconstruct:
         "../envs/ptycore.yaml"
     threads: threads_for("reconstruct")
     resources:
-        **retry_scaled_resources("reconstruct"),
+        **device_scaled_resources("reconstruct"),
+    params:
+        launch=launch_prefix,
     shell:
-        "ptycore reconstruct --plan {input.plan:q} --data {input.data} --init {input.init}"
+        "{params.launch}ptycore reconstruct --plan {input.plan:q} --data {input.data} --init {input.init}"
         " --stage {wildcards.stage} --resume --restart-stale --out {output} > {log} 2>&1"
