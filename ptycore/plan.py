@@ -156,19 +156,16 @@ def _as_schedule(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------- optimisation
-class ParameterOptimizer(_Strict):
-    """How one parameter learns: optimiser, learning rate (optionally scheduled), onset/stop."""
+class _Learning(_Strict):
+    """What every optimised thing has: a learning rate (a number or a schedule, >= 0), Adam's
+    betas, and the iterations it learns in (``start`` to ``stop``, passed to the compiled
+    iteration as data)."""
 
-    optimizer: Literal["adam", "sgd", "momentum", "lbfgs"] = Field(
-        default="adam", description="lbfgs: quasi-Newton direction at a fixed step lr; for few, smooth parameters "
-        "(slice thickness, global tilt) whose mini-batch gradients agree")
     lr: Annotated[Schedule, Field(description="step size in the parameter's units")]
     start: int = Field(default=0, ge=0, description="first iteration that updates this parameter")
     stop: int | None = Field(default=None, ge=1, description="iteration from which it is frozen again")
-    momentum: float = Field(default=0.9, ge=0, lt=1)
     b1: float = Field(default=0.9, ge=0, lt=1)
     b2: float = Field(default=0.999, ge=0, lt=1)
-    memory: int = Field(default=10, ge=1, le=100, description="L-BFGS history length")
 
     _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
 
@@ -192,6 +189,16 @@ class ParameterOptimizer(_Strict):
 
     def active_at(self, it: int) -> bool:
         return self.start <= it and (self.stop is None or it < self.stop)
+
+
+class ParameterOptimizer(_Learning):
+    """How one parameter learns: optimiser, learning rate (optionally scheduled), onset/stop."""
+
+    optimizer: Literal["adam", "sgd", "momentum", "lbfgs"] = Field(
+        default="adam", description="lbfgs: quasi-Newton direction at a fixed step lr; for few, smooth parameters "
+        "(slice thickness, global tilt) whose mini-batch gradients agree")
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    memory: int = Field(default=10, ge=1, le=100, description="L-BFGS history length")
 
 
 class Loss(_Strict):
@@ -326,7 +333,7 @@ class Resample(_Strict):
 
 
 # ---------------------------------------------------------------- deep generative prior
-class Network(_Strict):
+class Network(_Learning):
     """A U-Net that generates the object or the probe (ptycore.recon.networks), with its own
     optimiser: ``lr`` (a number or a schedule), ``start``/``stop`` as for every parameter."""
 
@@ -343,28 +350,6 @@ class Network(_Strict):
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: Schedule = Field(default_factory=lambda: Schedule(value=1e-3), description="learning rate of the weights")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW's decoupled weight decay (unused by adam)")
-    b1: float = Field(default=0.9, ge=0, lt=1)
-    b2: float = Field(default=0.999, ge=0, lt=1)
-    start: int = Field(default=0, ge=0)
-    stop: int | None = Field(default=None, ge=1)
-
-    _lr = field_validator("lr", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
-
-    @field_validator("lr", mode="after")
-    @classmethod
-    def _non_negative(cls, v):
-        if any(x < 0 for x in v.values()):
-            raise ValueError("must be >= 0")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.stop is not None and self.stop <= self.start:
-            raise ValueError("stop must be > start")
-        return self
-
-    lr_at = ParameterOptimizer.lr_at
-    active_at = ParameterOptimizer.active_at
 
 
 class ObjectNetwork(Network):
