@@ -127,7 +127,7 @@ class Context:
     scan_weight: jnp.ndarray  # (Hy, Wx) 1 where probe centres have been, 0 elsewhere
 
     @classmethod
-    def build(cls, measurement: Measurement, positions_A, object_shape, bandlimit=2 / 3):
+    def build(cls, measurement: Measurement, positions_A, object_shape, bandlimit: float | None = None):
         grid = Grid(measurement.detector_shape, measurement.pixel_size_A)
         pos_px = np.asarray(positions_A) / measurement.pixel_size_A
         hy, wx = object_shape

@@ -281,7 +281,7 @@ def stage_measurement(stage, measurement: Measurement) -> Measurement:
 
 def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *, seed: int, plan_hash: str,
               workdir: Path | None, resume: bool = False, progress: bool = True,
-              bandlimit: float | None = 2 / 3, inputs: dict | None = None,
+              inputs: dict | None = None,
               stop: StopSignals | None = None, on_iteration=None, observe=None,
               restart_stale: bool = False, placement=None) -> tuple[State, StageRecord]:
     """Run one stage from ``state``; returns the final state and the stage's record.
@@ -307,7 +307,7 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     if placement is not None:
         measurement = replace(measurement, placement=placement)
     state = resample_state(state, stage.resample, measurement.pixel_size_A, measurement.detector_shape)
-    ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], bandlimit)
+    ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], stage.propagator_bandlimit)
     engine = make_engine(stage, ctx, measurement, state, seed, stage_index)
     carry = engine.init_carry(state)
     record = StageRecord(stage.name, stage.engine, stage.iterations, pixel_size_A=measurement.pixel_size_A,
