@@ -100,6 +100,9 @@ class PriorDataConfig(BaseModel):
         if not value:
             raise ValueError("must name at least one prototype")
         unknown = [name for name in value if name not in PROTOTYPES]
+        if unknown and "perovskite" in unknown[0].lower():
+            raise ValueError(f"{unknown[0]!r}: perovskites are excluded from the prior's training data (they are "
+                             "held out for evaluation)")
         if unknown:
             raise ValueError(f"unknown prototype {unknown[0]!r} (known: {', '.join(PROTOTYPES)})")
         return value

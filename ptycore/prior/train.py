@@ -171,6 +171,15 @@ def heldout_table(denoise_fn, patches: np.ndarray, levels: np.ndarray, seed: int
     return rows
 
 
+def srtio3_table(denoise_fn, data_cfg: PriorDataConfig, levels: np.ndarray, seed: int) -> list[dict]:
+    """The held-out table on SrTiO3 (a perovskite: never in the training data), rendered exactly as
+    the training data of ``data_cfg``: [001], [011] and [111], 2 slices each, 4 patches per slice."""
+    from ptycore.prior.data import evaluation_patches
+
+    cfg = data_cfg.model_copy(update={"slices_per_structure": 2, "patches_per_slice": 4, "zone_axes": 3})
+    return heldout_table(denoise_fn, evaluation_patches("SrTiO3", cfg, seed=seed), levels, seed)
+
+
 # ---------------------------------------------------------------- checkpoints
 def _save_checkpoint(path: Path, params, opt_state, meta: dict) -> None:
     import equinox as eqx
@@ -296,6 +305,10 @@ def train(data_path: str | Path, out: str | Path, cfg: PriorTrainConfig, *, resu
             else history["heldout"][-1]
         seconds = time.perf_counter() - t0
         history["seconds"] = seconds
+        srtio3 = srtio3_table(lambda y, s: denoise(params, y, s), PriorDataConfig.model_validate(attrs["config"]),
+                              levels, cfg.seed)
+        log("prior train: SrTiO3 (never seen) MSE / identity " + " ".join(
+            f"{row['sigma_rad']:.3g}:{row['ratio']:.3f}" for row in srtio3))
         info = PriorInfo(
             pixel_size_A=float(attrs["pixel_size_A"]), slice_thickness_A=float(attrs["slice_thickness_A"]),
             patch_px=patch_px, sigma_min_rad=sigma_range[0], sigma_max_rad=sigma_range[1], phase_scale_rad=scale,
@@ -305,7 +318,7 @@ def train(data_path: str | Path, out: str | Path, cfg: PriorTrainConfig, *, resu
                 data_manifest_hash=attrs["manifest_hash"], data_config=attrs["config"],
                 train_config=cfg.model_dump(), train_config_hash=cfg.hash(), steps=cfg.steps,
                 seeds={"train": cfg.seed, "data": attrs["config"]["seed"]}, training_seconds=round(seconds, 1),
-                heldout=table, heldout_compounds=sorted({r["formula"] for r in data.manifest
+                heldout=table, srtio3=srtio3, heldout_compounds=sorted({r["formula"] for r in data.manifest
                                                          if r["split"] == "heldout"}),
                 sigma_rad_per_V_A=attrs["sigma_rad_per_V_A"], equinox=_version("equinox")),
         )
