@@ -132,7 +132,7 @@ def test_denoiser_contract_shapes_jit_vmap():
 
 def test_save_load_round_trip_and_bad_files(tmp_path):
     net = Denoiser(2, 8, 0.07, key=jax.random.PRNGKey(3))
-    net = eqx.tree_at(lambda n: n.head.bias, net, jnp.full_like(net.head.bias, 0.5))  # something not at its initial value
+    net = eqx.tree_at(lambda n: n.head.bias, net, jnp.full_like(net.head.bias, 0.5))  # not its initial 0
     info = PriorInfo(0.2, 2.0, 32, 0.0007, 0.07, 0.07, levels=2, filters=8, provenance={"steps": 3})
     weights, meta = save_prior(tmp_path / "p.eqx", net, info)
     loaded, info2 = load_prior(tmp_path / "p.eqx")

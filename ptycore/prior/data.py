@@ -238,9 +238,12 @@ COMPOUNDS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
                    (("Cd", "Te"), {"a": 6.482}), (("Ga", "P"), {"a": 5.451}), (("Al", "As"), {"a": 5.661}),
                    (("In", "As"), {"a": 6.058}), (("Si", "C"), {"a": 4.360}), (("Zn", "Se"), {"a": 5.668}),
                    (("Cu", "Cl"), {"a": 5.420}), (("In", "Sb"), {"a": 6.479})],
-    "wurtzite": [(("Zn", "O"), {"a": 3.250, "c": 5.207, "u": 0.382}), (("Ga", "N"), {"a": 3.189, "c": 5.185, "u": 0.377}),
-                 (("Al", "N"), {"a": 3.112, "c": 4.982, "u": 0.382}), (("Zn", "S"), {"a": 3.821, "c": 6.257, "u": 0.375}),
-                 (("Cd", "S"), {"a": 4.136, "c": 6.714, "u": 0.377}), (("In", "N"), {"a": 3.545, "c": 5.703, "u": 0.379}),
+    "wurtzite": [(("Zn", "O"), {"a": 3.250, "c": 5.207, "u": 0.382}),
+                 (("Ga", "N"), {"a": 3.189, "c": 5.185, "u": 0.377}),
+                 (("Al", "N"), {"a": 3.112, "c": 4.982, "u": 0.382}),
+                 (("Zn", "S"), {"a": 3.821, "c": 6.257, "u": 0.375}),
+                 (("Cd", "S"), {"a": 4.136, "c": 6.714, "u": 0.377}),
+                 (("In", "N"), {"a": 3.545, "c": 5.703, "u": 0.379}),
                  (("Cd", "Se"), {"a": 4.300, "c": 7.011, "u": 0.376})],
     "fluorite": [(("Ca", "F"), {"a": 5.463}), (("Ce", "O"), {"a": 5.411}), (("Zr", "O"), {"a": 5.070}),
                  (("U", "O"), {"a": 5.470}), (("Th", "O"), {"a": 5.597}), (("Ba", "F"), {"a": 6.200}),
@@ -248,10 +251,14 @@ COMPOUNDS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "cesium_chloride": [(("Cs", "Cl"), {"a": 4.123}), (("Cs", "Br"), {"a": 4.286}), (("Ni", "Al"), {"a": 2.887}),
                         (("Cu", "Zn"), {"a": 2.950}), (("Fe", "Al"), {"a": 2.909}), (("Cs", "I"), {"a": 4.567}),
                         (("Ti", "Ni"), {"a": 3.015})],
-    "rutile": [(("Ti", "O"), {"a": 4.594, "c": 2.959, "u": 0.305}), (("Sn", "O"), {"a": 4.737, "c": 3.186, "u": 0.307}),
-               (("Mn", "O"), {"a": 4.398, "c": 2.873, "u": 0.305}), (("Ru", "O"), {"a": 4.492, "c": 3.106, "u": 0.306}),
-               (("Ir", "O"), {"a": 4.498, "c": 3.154, "u": 0.308}), (("Ge", "O"), {"a": 4.395, "c": 2.859, "u": 0.306}),
-               (("Pb", "O"), {"a": 4.955, "c": 3.383, "u": 0.307}), (("Mg", "F"), {"a": 4.623, "c": 3.052, "u": 0.303})],
+    "rutile": [(("Ti", "O"), {"a": 4.594, "c": 2.959, "u": 0.305}),
+               (("Sn", "O"), {"a": 4.737, "c": 3.186, "u": 0.307}),
+               (("Mn", "O"), {"a": 4.398, "c": 2.873, "u": 0.305}),
+               (("Ru", "O"), {"a": 4.492, "c": 3.106, "u": 0.306}),
+               (("Ir", "O"), {"a": 4.498, "c": 3.154, "u": 0.308}),
+               (("Ge", "O"), {"a": 4.395, "c": 2.859, "u": 0.306}),
+               (("Pb", "O"), {"a": 4.955, "c": 3.383, "u": 0.307}),
+               (("Mg", "F"), {"a": 4.623, "c": 3.052, "u": 0.303})],
     "spinel": [(("Mg", "Al", "O"), {"a": 8.083, "u": 0.2624}), (("Zn", "Fe", "O"), {"a": 8.441, "u": 0.2610}),
                (("Co", "Al", "O"), {"a": 8.105, "u": 0.2640}), (("Ni", "Fe", "O"), {"a": 8.339, "u": 0.2570}),
                (("Mg", "Cr", "O"), {"a": 8.333, "u": 0.2610}), (("Zn", "Al", "O"), {"a": 8.086, "u": 0.2636})],
@@ -346,7 +353,8 @@ def build_structure(spec: StructureSpec, cfg: PriorDataConfig, *, prototype: Pro
         keep[0] = True
     vacancies = int((~keep).sum())
     block = block[keep]
-    record = {"formula": cell.get_chemical_formula(empirical=True), "cell_A": [round(float(v), 5) for v in target], "repetitions": list(reps),
+    record = {"formula": cell.get_chemical_formula(empirical=True),
+              "cell_A": [round(float(v), 5) for v in target], "repetitions": list(reps),
               "strain_xy": [round(float(s), 6) for s in strain], "atoms": len(block), "vacancies": vacancies,
               "vacancy_fraction": round(vacancies / (len(block) + vacancies), 6)}
     return block, record
@@ -469,7 +477,8 @@ def write_dataset(cfg: PriorDataConfig, out: str | Path, *, overwrite: bool = Fa
     manifest_hash = "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     with atomic_output(out, overwrite=overwrite) as tmp:
         store = create_store(tmp)
-        write_array(store, "patches", patches, chunks=(min(cfg.chunk_patches, len(patches)), cfg.patch_px, cfg.patch_px),
+        chunks = (min(cfg.chunk_patches, len(patches)), cfg.patch_px, cfg.patch_px)
+        write_array(store, "patches", patches, chunks=chunks,
                     attrs={"units": "rad", "axes": "patch, y, x",
                            "description": "sigma * projected potential of one slice"})
         write_array(store, "structure", structure, attrs={"description": "index into attrs['manifest']"})
