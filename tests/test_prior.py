@@ -20,6 +20,7 @@ from ptycore.cli import main
 from ptycore.errors import InvalidArgument, InvalidData
 
 pytest.importorskip("abtem", reason="the prior's data need abTEM (extra 'sim')")
+pytestmark = pytest.mark.sim
 
 from ptycore.prior import data as prior_data  # noqa: E402
 from ptycore.prior.data import (  # noqa: E402
