@@ -2,7 +2,7 @@
 # training data and trains the prior of config/prior/default.yaml → results/prior/crystal-prior
 # (prior.eqx + prior.json: the shipped ptycore/prior/weights/crystal-prior.{eqx,json}).
 
-PRIOR_CONFIG = "config/prior/default.yaml"
+PRIOR_CONFIG = f"{workflow.basedir}/config/prior/default.yaml"
 
 
 localrules:
