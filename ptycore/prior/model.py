@@ -165,10 +165,6 @@ class Denoiser(eqx.Module):
         return ((c_skip * xn + c_out * f) * scale).astype(x.dtype)
 
 
-def new_denoiser(info: PriorInfo, seed: int = 0) -> Denoiser:
-    return Denoiser(info.levels, info.filters, info.phase_scale_rad, key=jax.random.PRNGKey(seed))
-
-
 # ---------------------------------------------------------------- files
 def _pair(path: str | Path) -> tuple[Path, Path]:
     """(weights, info) paths of ``path``: ``NAME.eqx``/``NAME.json``, or ``DIR/prior.{eqx,json}``."""
@@ -205,7 +201,8 @@ def load_prior(path: str | Path | None = None) -> tuple[Denoiser, PriorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InvalidData(f"{meta}: not valid JSON ({err.__class__.__name__})") from None
     info = PriorInfo.from_record(record, str(meta))
-    like = Denoiser(info.levels, info.filters, info.phase_scale_rad, key=jax.random.PRNGKey(0))
+    # the skeleton only (shapes and dtypes): no weights are initialised, nothing is computed
+    like = eqx.filter_eval_shape(Denoiser, info.levels, info.filters, info.phase_scale_rad, key=jax.random.PRNGKey(0))
     try:
         denoiser = eqx.tree_deserialise_leaves(weights, like)
     except Exception as err:  # equinox/numpy raise several types for a damaged or mismatched file
