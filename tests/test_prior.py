@@ -1,7 +1,7 @@
 """The learned crystal prior (issue 20): training data, the denoiser, training, the shipped prior.
 
-Tiny problems: three compounds on one zone axis, 32 px patches, a 2-level network, a few hundred
-steps. The shipped prior's test renders SrTiO3 (a perovskite: never in its training data) the
+Tiny problems: three compounds on one zone axis, 32 px patches, a 2-level network, 150
+training steps. The shipped prior's test renders SrTiO3 (a perovskite: never in its training data) the
 way the training data are rendered and checks that the prior lowers the error at every noise level.
 """
 
@@ -153,10 +153,10 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
 
 # ---------------------------------------------------------------- training
 def test_tiny_denoiser_beats_identity_on_heldout_at_every_noise_level(tiny):
-    """The issue's test, through the CLI: trained for 300 steps on two compounds, the denoiser
+    """The issue's test, through the CLI: trained for 150 steps on two compounds, the denoiser
     lowers the error against the identity on the held-out compound at every noise level."""
     assert main(["prior", "train", "--config", str(tiny / "prior.yaml"), "--data", str(tiny / "data.zarr"),
-                 "--out", str(tiny / "trained"), "--steps", "300", "--quiet"]) == 0
+                 "--out", str(tiny / "trained"), "--steps", "150", "--quiet"]) == 0
     _, info = load_prior(tiny / "trained")
     table = info.provenance["heldout"]
     assert len(table) == 4
@@ -164,9 +164,9 @@ def test_tiny_denoiser_beats_identity_on_heldout_at_every_noise_level(tiny):
         assert row["mse_denoiser_rad2"] < row["mse_identity_rad2"], row
     assert info.patch_px == 32 and info.levels == 2 and info.pixel_size_A == 0.2
     assert info.provenance["data_manifest_hash"] == read_dataset(tiny / "data.zarr").attrs["manifest_hash"]
-    assert info.provenance["steps"] == 300 and len(info.provenance["srtio3"]) == 4
+    assert info.provenance["steps"] == 150 and len(info.provenance["srtio3"]) == 4
     curves = json.loads((tiny / "trained" / "curves.json").read_text())
-    assert len(curves["loss"]) == 300 and curves["eval_step"] == [300] and curves["heldout"][-1] == table
+    assert len(curves["loss"]) == 150 and curves["eval_step"] == [150] and curves["heldout"][-1] == table
     assert (tiny / "trained" / "curves.png").stat().st_size > 0
     assert not (tiny / "trained" / "checkpoints").exists()
 
