@@ -38,7 +38,7 @@ _OS_HINTS = {
 
 #: verb -> module in ptycore.commands, in pipeline order
 VERBS = ["simulate", "ingest", "preprocess", "init", "reconstruct", "evaluate", "aggregate", "inspect", "tune",
-         "plans", "launch"]
+         "plans", "launch", "prior"]
 
 
 def _available_verbs():

@@ -68,6 +68,8 @@ BUILTIN_RESOURCES = {
     "reconstruct": {"cpus": 4, "mem_mb": 16000, "runtime": 240, "gpu": True},
     "evaluate": {"mem_mb": 4000},
     "study": {"mem_mb": 4000},
+    "prior_data": {"mem_mb": 4000},
+    "prior_train": {"cpus": 2, "mem_mb": 6000, "runtime": 120},
 }
 
 
