@@ -36,8 +36,9 @@ denoise once per iteration (the gradient engine) or per accepted step (LM): the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

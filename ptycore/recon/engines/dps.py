@@ -62,7 +62,8 @@ def noise_levels(sigma_start: float, sigma_end: float, steps: int, schedule: str
 
 
 def guidance_weight(sigma: float, sigma_data: float, guidance: float, shift: float = 4.0) -> float:
-    """MEP-Diffusion's shifted sigmoid: ``guidance · sigmoid(shift - lambda)^(1/2)``, ``lambda = -2 ln(sigma/sigma_data)``."""
+    """MEP-Diffusion's shifted sigmoid: ``guidance · sigmoid(shift - lambda)^(1/2)``, with the log SNR
+    ``lambda = -2 ln(sigma / sigma_data)``."""
     log_snr = -2.0 * math.log(sigma / sigma_data)
     return guidance * math.sqrt(1.0 / (1.0 + math.exp(-(shift - log_snr))))
 
