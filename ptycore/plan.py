@@ -47,6 +47,13 @@ the object (or probe) by a U-Net whose weights are optimised instead of the pixe
 ptycore.recon.networks); the stage then leaves ``object_phase``/``object_amplitude`` (or
 ``probe``) out of ``optimize``.
 
+Learned prior (ptycore.prior.guidance): ``prior: {path: shipped | PATH, sigma_rad: 0.05}`` at the
+top level (or per stage, overriding it) names the denoiser of every stage that uses one: a
+``prior`` loss in a gradient or lm stage, ``losses: {prior: {weight: W, sigma_rad: S}}`` (both a
+number or a schedule; ``sigma_rad`` defaults to the ``prior:``'s), or an ``engine: dps`` stage
+(options under ``dps:``; it refines ``object_phase`` only, so ``optimize`` may be left out).
+Without a ``prior:`` such a stage uses the shipped one.
+
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
 """
 

@@ -23,6 +23,13 @@ counts; see :mod:`ptycore.recon.problem`). One outer step (one compiled call):
    and by 1/4 when ``rho > 0.75`` (Kandel et al., Opt. Express 29, 23019 (2021)), within
    ``[damping_min, damping_max]``.
 
+With a ``prior`` loss (RED, :mod:`ptycore.prior.guidance`) the objective has the extra residuals
+``sqrt(W) (P(phase) - t)``: ``Phi += W/2 |P(phase) - t|^2``, ``g += W P^T (P(phase) - t)``,
+``G v += W P^T P v`` (exact: the residuals are linear in the phase) and ``D += W diag(P^T P)``;
+the target ``t = sg(D_sigma(P(phase)))`` is renewed at the start of a step after an accepted one
+(kept after a rejection), so the gain ratio compares one objective and an accepted step lowers
+it (history: ``prior``, ``prior_sigma_rad``, ``lm_objective_start``).
+
 A parameter takes part from its ``start`` to its ``stop`` (its tangent components are zero
 otherwise); its ``lr`` must be > 0 and is otherwise unused (LM's step length comes from the
 system). History per step: the data terms at the start of the step, ``lm_objective`` after it,
