@@ -127,6 +127,16 @@ def test_plan_rules_for_the_prior():
     assert "sigma_rad" not in plain["stages"][0]["losses"]["single"]
 
 
+def test_noise_level_outside_the_trained_range_is_refused(registered, syn):
+    registered("narrow", Prior(gaussian_mmse, syn.pixel_size_A, syn.slice_thickness_A, sigma_min_rad=0.01,
+                               sigma_max_rad=0.5, source="narrow"))
+    stage = _plan([{"name": "d", "engine": "dps", "iterations": 3, "dps": {"sigma_start_rad": 0.8}}],
+                  prior="narrow").stages[0]
+    with pytest.raises(InvalidPlan, match=r"stage 'd': dps.sigma_start_rad 0.8 rad is outside the range the prior "
+                                          r"'narrow' was trained on \(0.01 to 0.5 rad\)"):
+        run_stage(stage, 0, syn.flat_state(), syn.measurement, seed=0, plan_hash="t", workdir=None, progress=False)
+
+
 def _mean_filter(x, sigma):
     """A smoothing denoiser (3x3 mean, circular): a generic prior that knows nothing of the object."""
     return sum(jnp.roll(x, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0

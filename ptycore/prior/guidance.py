@@ -203,11 +203,37 @@ class PriorMap:
         return (1.0 if self.lateral_identity else r * min(r, 1.0)) * depth
 
 
+def stage_noise_levels(stage) -> list[tuple[str, float]]:
+    """``(field, sigma_rad)`` of every noise level a stage gives its denoiser (the ``prior`` loss's
+    schedule values, the dps schedule's ends)."""
+    out = []
+    loss = stage.losses.get("prior")
+    if loss is not None and loss.sigma_rad is not None:
+        out += [("losses.prior.sigma_rad", v) for v in loss.sigma_rad.values()]
+    if stage.engine == "dps":
+        out += [("dps.sigma_start_rad", stage.options.sigma_start_rad),
+                ("dps.sigma_end_rad", stage.options.sigma_end_rad)]
+    return out
+
+
+def load_stage_prior(stage) -> Prior:
+    """The prior of a stage that uses one, checked against the stage: a noise level outside the
+    range the denoiser was trained on (``sigma_min_rad`` .. ``sigma_max_rad``) is refused, one line
+    naming the stage, the field and the range."""
+    prior = load_denoiser(stage.prior.path if stage.prior is not None else "shipped")
+    lo, hi = prior.sigma_min_rad, prior.sigma_max_rad
+    for name, sigma in stage_noise_levels(stage):
+        if (lo is not None and sigma < lo * (1 - 1e-6)) or (hi is not None and sigma > hi * (1 + 1e-6)):
+            span = " to ".join("?" if v is None else f"{v:g}" for v in (lo, hi))
+            raise InvalidPlan(f"stage {stage.name!r}: {name} {sigma:g} rad is outside the range the prior "
+                              f"{prior.source or stage.prior.path!r} was trained on ({span} rad)")
+    return prior
+
+
 def stage_prior_map(stage, state, pixel_size_A: float) -> PriorMap | None:
     """The prior map of a stage that uses the prior (a ``prior`` loss or the ``dps`` engine), else None."""
     if "prior" not in stage.losses and stage.engine != "dps":
         return None
-    source = stage.prior
-    prior = load_denoiser(source.path if source is not None else "shipped")
+    prior = load_stage_prior(stage)
     return PriorMap(prior, state.object_phase.shape[-2:], state.object_phase.shape[1], pixel_size_A,
                     float(state.slice_thickness_A))
