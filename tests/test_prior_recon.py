@@ -84,7 +84,20 @@ def test_red_gradient_is_weight_times_x_minus_denoised(registered, syn):
 
     grad = jax.grad(prior_only)(state.object_phase)
     x = np.asarray(state.object_phase)
-    np.testing.assert_allclose(np.asarray(grad), weight * (x - gaussian_mmse(x, sigma)), rtol=1e-5, atol=1e-7)
+    expected = weight * (x - gaussian_mmse(x, sigma))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
+    # LM's prior residuals: the same gradient, and the Gauss-Newton block W P^T P = W I here
+    lm_stage = _plan([{"name": "lm", "engine": "lm", "iterations": 2, "batch_size": 12,
+                       "optimize": {"object_phase": {"lr": 1.0}},
+                       "losses": {"single": 1.0, "prior": {"weight": weight, "sigma_rad": sigma}}}]).stages[0]
+    lm = make_engine(lm_stage, ctx, syn.measurement, state, 0)
+    params = lm.parameters.view(state, lm.parameters.carried(state))
+    value, lm_grad, _, raw = lm.prior_parts(params, state, lm.prior_target(params, state, sigma), weight)
+    np.testing.assert_allclose(np.asarray(lm_grad["object_phase"]), expected, rtol=1e-5, atol=1e-7)
+    assert float(value) == pytest.approx(weight * 0.5 * np.sum((x - gaussian_mmse(x, sigma)) ** 2), rel=1e-5)
+    v = {"object_phase": jnp.asarray(rng.normal(size=x.shape), jnp.float32)}
+    np.testing.assert_allclose(np.asarray(lm.prior_product(v, weight)["object_phase"]),
+                               weight * np.asarray(v["object_phase"]), rtol=1e-5, atol=1e-7)
 
 
 def test_prior_grid_sums_slices_and_resamples_laterally():
