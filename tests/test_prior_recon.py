@@ -273,6 +273,28 @@ def test_dps_recovers_a_known_object_with_the_guidance(registered, syn):
     assert rec.history["guidance_weight_rad"][0] > rec.history["guidance_weight_rad"][-1] > 0
 
 
+def test_dps_resumes_from_its_checkpoint_to_the_uninterrupted_result(registered, syn, tmp_path):
+    """Stopped after step 4 of 6 (checkpoints every 2), ``resume`` continues from the checkpoint
+    (noised start, Adam moments, per-step noise keys) to the arrays of an uninterrupted run."""
+    registered("gauss", Prior(gaussian_mmse, syn.pixel_size_A, syn.slice_thickness_A))
+    stage = _plan([{"name": "dps", "engine": "dps", "iterations": 6, "batch_size": 12, "checkpoint_every": 2,
+                    "dps": {"eta": 0.5, "sigma_start_rad": 0.3}}]).stages[0]
+    run = dict(seed=0, plan_hash="t", progress=False)
+    full, _ = run_stage(stage, 0, syn.flat_state(), syn.measurement, workdir=tmp_path / "full", **run)
+
+    def stop_after_4(it, scalars):
+        if it == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, 0, syn.flat_state(), syn.measurement, workdir=tmp_path / "cut", on_iteration=stop_after_4,
+                  **run)
+    resumed, record = run_stage(stage, 0, syn.flat_state(), syn.measurement, workdir=tmp_path / "cut", resume=True,
+                                **run)
+    assert record.resumed_from == 4 and len(record.history["sigma_rad"]) == 6
+    np.testing.assert_array_equal(np.asarray(resumed.object_phase), np.asarray(full.object_phase))
+
+
 def test_noise_schedule_and_guidance_weight():
     sig = noise_levels(0.5, 0.01, 6)
     assert sig[0] == pytest.approx(0.5) and sig[5] == pytest.approx(0.01) and sig[6] == 0
