@@ -51,7 +51,8 @@ Learned prior (ptycore.prior.guidance): ``prior: {path: shipped | PATH, sigma_ra
 top level (or per stage, overriding it) names the denoiser of every stage that uses one: a
 ``prior`` loss in a gradient or lm stage, ``losses: {prior: {weight: W, sigma_rad: S}}`` (both a
 number or a schedule; ``sigma_rad`` defaults to the ``prior:``'s), or an ``engine: dps`` stage
-(options under ``dps:``; it refines ``object_phase`` only, so ``optimize`` may be left out).
+(options under ``dps:``; it refines ``object_phase`` only, so ``optimize`` may be left out, and
+its ``lr``/``start``/``stop`` are unused; constraints are refused there).
 Without a ``prior:`` such a stage uses the shipped one.
 
 Errors name the field, e.g. ``stages[1].losses.poisson.weight: must be >= 0``.
@@ -549,6 +550,9 @@ class _StageBase(_Strict):
                     raise ValueError(f"stage {self.name!r}: constraints.{name} changes {key} pixels, which this "
                                      f"stage generates by its network (drop it; the network's output options "
                                      f"are output and identical_slices)")
+        if self.engine == "dps" and self.constraints.active():
+            raise ValueError(f"stage {self.name!r}: constraints: the dps engine applies none (its sampler state is "
+                             f"the noisy object on the prior's grid): drop {', '.join(self.constraints.active())}")
         if "prior" in self.losses and "prior" not in spec.losses:
             hint = ("the dps engine samples with the prior itself: drop losses.prior" if self.engine == "dps"
                     else f"engine {self.engine!r} cannot use it; use a gradient or lm stage")

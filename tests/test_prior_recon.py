@@ -129,6 +129,8 @@ def test_plan_rules_for_the_prior():
         parse_plan({"stages": [{**one, "losses": {"single": 1.0, "tv_z": {"weight": 0.1, "sigma_rad": 0.1}}}]})
     with pytest.raises(InvalidPlan, match=r"stage 's': prior: nothing in this stage uses it"):
         parse_plan({"stages": [{**one, "prior": {"path": "shipped"}}]})
+    with pytest.raises(InvalidPlan, match=r"stage 'd': constraints: the dps engine applies none .*phase_positive"):
+        parse_plan({"stages": [{"name": "d", "engine": "dps", "iterations": 3, "constraints": {"phase_positive": {}}}]})
     with pytest.raises(InvalidPlan, match=r"sigma_end_rad 0.5 must be below sigma_start_rad 0.2"):
         parse_plan({"stages": [{"name": "d", "engine": "dps", "iterations": 3,
                                 "dps": {"sigma_start_rad": 0.2, "sigma_end_rad": 0.5}}]})
