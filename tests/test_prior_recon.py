@@ -297,6 +297,24 @@ def test_dps_resumes_from_its_checkpoint_to_the_uninterrupted_result(registered,
     np.testing.assert_array_equal(np.asarray(resumed.object_phase), np.asarray(full.object_phase))
 
 
+def test_guidance_through_the_denoiser(registered, syn):
+    """With the Gaussian MMSE denoiser (Jacobian a scalar times the identity) the gradient through
+    the denoiser is the gradient at x0 scaled, so the RMS-normalised guidance, hence the result,
+    is the same both ways; with the mean filter (a blur) it is not."""
+    phases = {}
+    for name, fn in (("gauss", gaussian_mmse), ("mean", _mean_filter)):
+        registered(name, Prior(fn, syn.pixel_size_A, syn.slice_thickness_A))
+        for through in (False, True):
+            stage = _plan([{"name": "dps", "engine": "dps", "iterations": 3, "batch_size": 12,
+                            "dps": {"adam": False, "through_denoiser": through, "guidance_rad": 0.05}}],
+                          prior=name).stages[0]
+            state, _ = run_stage(stage, 0, syn.flat_state(), syn.measurement, seed=0, plan_hash="t", workdir=None,
+                                 progress=False)
+            phases[name, through] = np.asarray(state.object_phase)
+    np.testing.assert_allclose(phases["gauss", True], phases["gauss", False], atol=1e-5)
+    assert np.abs(phases["mean", True] - phases["mean", False]).max() > 1e-3
+
+
 def test_noise_schedule_and_guidance_weight():
     sig = noise_levels(0.5, 0.01, 6)
     assert sig[0] == pytest.approx(0.5) and sig[5] == pytest.approx(0.01) and sig[6] == 0

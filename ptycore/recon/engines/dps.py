@@ -12,11 +12,13 @@ of the denoiser ``D(x, sigma)`` (Karras et al. 2022, "EDM"):
 3. **One step** (one compiled call): ``x0 = D(z_i, sigma_i)``; the physics guidance is the
    gradient ``g`` of the stage's data-fit loss (the problem's data term, summed over the
    iteration's position batches under ``lax.scan``, one batch in memory) at ``x0`` w.r.t. ``x0``
-   (not through the denoiser); it is normalised, by Adam's moments over the steps (``adam``, the
-   default: ``optax.scale_by_adam``) or by its RMS, and applied with MEP-Diffusion's shifted-sigmoid
-   weight (Belardi, Lee et al., "Improving Multislice Electron Ptychography with a Generative
-   Prior": ``g(lambda) ∝ sigmoid(4 - lambda)^(1/2)``, strong while the noise is high, annealed
-   towards the end so the prior resolves the atomic detail):
+   (with ``through_denoiser``: w.r.t. ``z_i`` through the denoiser, as in Chung et al.'s DPS and
+   MEP-Diffusion's formula, one more backward pass of the denoiser). It is normalised, by Adam's
+   moments over the steps (``adam``, the default: ``optax.scale_by_adam``) or by its RMS, and
+   applied with MEP-Diffusion's shifted-sigmoid weight (Belardi, Lee et al., "Improving
+   Multislice Electron Ptychography with a Generative Prior": ``g(lambda)`` proportional to
+   ``sigmoid(4 - lambda)^(1/2)``, strong while the noise is high, annealed towards the end so
+   the prior resolves the atomic detail):
    ``x0' = x0 - w_i u``, ``w_i = guidance_rad · sigmoid(shift - lambda_i)^(1/2)``,
    ``lambda_i = -2 ln(sigma_i / sigma_data)`` (the log SNR of noise ``sigma_i`` on data of scale
    ``sigma_data``, default the prior's ``phase_scale_rad``). Then the DDIM update
@@ -124,8 +126,13 @@ class DPSEngine(Engine):
         state, dps = carry
         sigma, sigma_next, weight = hyper["sigma"], hyper["sigma_next"], hyper["guidance"]
         z = dps["z"]
-        x0 = self.map.denoise(z, sigma)
-        loss, grad = self.data_loss_and_gradient(x0, state, dps, measured, batches, masks)
+        if self.options.through_denoiser:  # d loss(D(z)) / dz: the data gradient pulled back through D
+            x0, pullback = jax.vjp(lambda zz: self.map.denoise(zz, sigma), z)
+            loss, grad_x0 = self.data_loss_and_gradient(x0, state, dps, measured, batches, masks)
+            (grad,) = pullback(grad_x0)
+        else:
+            x0 = self.map.denoise(z, sigma)
+            loss, grad = self.data_loss_and_gradient(x0, state, dps, measured, batches, masks)
         if self.adam is not None:
             direction, adam_state = self.adam.update(grad, dps["adam"])
         else:

@@ -81,6 +81,9 @@ class DPSOptions(EngineOptions):
         "-2 ln(sigma / sigma_data)")
     sigma_data_rad: float | None = Field(
         default=None, gt=0, description="the data scale of logSNR (default: the prior's phase_scale_rad)")
+    through_denoiser: bool = Field(
+        default=False, description="guidance as the gradient w.r.t. the noisy z through the denoiser (DPS of "
+        "Chung et al., MEP-Diffusion's formula; one more backward pass of the denoiser), else w.r.t. x0 at x0")
     adam: bool = Field(default=True, description="Adam-smoothed guidance (moments over the steps); else the "
                        "gradient divided by its RMS")
     adam_b1: float = Field(default=0.9, ge=0, lt=1)
