@@ -123,6 +123,9 @@ METRICS_SCHEMA: dict[str, tuple[str, str]] = {
     "compared_pixel_size_A": ("float|null", "pixel size of the comparison grid (Å)"),
     "compared_shape": ("list[int]|null", "(h, w) of the comparison grid"),
     "margin_A": ("float", "margin removed inside the scanned area (Å)"),
+    "prior_check": ("dict|null", "with --data-only: how far the prior moved this result from the data-only one "
+                    "(rms_phase_difference_rad, ssim_phase_sum, ssim_3d) and both held-out losses "
+                    "(ptycore.prior.check)"),
     "figures": ("list[str]", "PNG files written"),
     "warnings": ("list[str]", "things the reader should know (fallbacks, odd inputs)"),
     "created": ("str", "ISO time of the evaluation"),
@@ -671,7 +674,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, dataset=None, plan=None,
              margin_A: float = DEFAULT_MARGIN_A, figures: bool = True, overwrite: bool = False,
-             progress=None) -> dict:
+             progress=None, data_only=None) -> dict:
     """Evaluate ``result`` into the directory ``out`` (atomically); returns the metrics dict."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
@@ -687,6 +690,7 @@ def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, data
     ini = load_reconstruction(init, role="init") if init is not None else None
     halves = (load_reconstruction(half1, role="half1"), load_reconstruction(half2, role="half2")) \
         if half1 is not None else None
+    plain = load_reconstruction(data_only, role="data-only") if data_only is not None else None
     if ini is not None:
         if ini.positions_A is None or rec.positions_A is None or ini.positions_A.shape != rec.positions_A.shape:
             raise InvalidData(f"{ini.path}: its positions_A do not match {rec.path}'s "
@@ -758,6 +762,11 @@ def evaluate(result, out, *, truth=None, init=None, half1=None, half2=None, data
         mag = np.hypot(*(rec.positions_A - ini.positions_A).T)
         metrics["position_correction_rms_A"] = float(np.sqrt(np.mean(mag**2)))
         metrics["position_correction_max_A"] = float(mag.max())
+    if plain is not None:
+        say("prior check against the data-only result")
+        from ptycore.prior.check import hallucination_check
+
+        metrics["prior_check"] = hallucination_check(plain, rec, margin_A)
     metrics["warnings"] = list(dict.fromkeys(warnings))
     metrics["created"] = now_iso()
 

@@ -26,6 +26,8 @@ def add_arguments(p):
     p.add_argument("--no-figures", action="store_true", help="metrics and report only, no PNG figures")
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--data-only", help="a data-only result of the same data (same object grid): report how far "
+                   "this (prior) result moved from it and both held-out losses (metrics prior_check)")
 
 
 def run(args) -> int:
@@ -34,7 +36,7 @@ def run(args) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"evaluate: {msg}", flush=True))
     m = evaluate(args.result, args.out, truth=args.truth, init=args.init, half1=args.half1, half2=args.half2,
                  dataset=args.dataset, plan=args.plan, margin_A=args.margin_A, figures=not args.no_figures,
-                 overwrite=args.overwrite, progress=say)
+                 overwrite=args.overwrite, progress=say, data_only=args.data_only)
     summary = [f"{m['dataset']} / {m['plan']}"]
     if m.get("ssim_phase_sum") is not None:
         summary.append(f"SSIM {m['ssim_phase_sum']:.4f}, PSNR {m['psnr_phase_sum']:.2f} dB")
@@ -44,6 +46,10 @@ def run(args) -> int:
         summary.append(f"FRC {m['frc_resolution_A']:.3g} Å")
     if m.get("final_loss") is not None:
         summary.append(f"final {m['data_fit_term']} loss {m['final_loss']:.4g}")
+    check = m.get("prior_check")
+    if check:
+        summary.append(f"prior moved the phase by {check['rms_phase_difference_rad']:.3g} rad RMS "
+                       f"(SSIM {check['ssim_phase_sum']:.3f} to the data-only result)")
     if not args.quiet:
         print("evaluate: " + "; ".join(summary))
     print(f"wrote {args.out}")

@@ -59,8 +59,10 @@ class Problem:
     """The model and data fit of one stage (see the module docstring)."""
 
     def __init__(self, optics, *, losses=None, per_position_tilts: bool = False, noise_model: str = "amplitude",
-                 detector_mask=None):
+                 detector_mask=None, prior_map=None):
         self.optics = optics
+        #: the learned prior on the stage's grid (ptycore.prior.guidance.PriorMap) for the ``prior`` term
+        self.prior_map = prior_map
         #: (ky, kx) 1 = good pixel, 0 = excluded from every loss (None: all good)
         self.detector_mask = detector_mask
         self.per_position_tilts = per_position_tilts
@@ -140,15 +142,23 @@ class Problem:
         """Patterns (batch, ky, kx) with the bad detector pixels set to 0."""
         return patterns if self.detector_mask is None else patterns * self.detector_mask
 
-    def loss_terms(self, state, measured, idx, mask):
+    def loss_terms(self, state, measured, idx, mask, prior_target=None):
         """Every loss term of the stage on a batch: data terms on the model of ``idx``, object
-        terms on the phase."""
+        terms on the phase; ``prior`` (RED) against ``prior_target`` (:meth:`prior_target`)."""
         model = self.intensities(state, idx)
         terms = self.data_terms(model, measured[idx], mask)
         for name in self.loss_names:
             if name in OBJECT_LOSSES:
                 terms[name] = OBJECT_LOSSES[name](state.object_phase)
+        if "prior" in self.loss_names:
+            terms["prior"] = self.prior_map.red_loss(state.object_phase, prior_target)
         return terms
+
+    def prior_target(self, state, sigma_rad):
+        """The RED target ``sg(D_sigma(P(phase)))`` of the state's object (None without a ``prior`` term)."""
+        if "prior" not in self.loss_names:
+            return None
+        return self.prior_map.red_target(state.object_phase, sigma_rad)
 
     def total(self, terms, weights):
         return sum(weights[name] * terms[name] for name in self.loss_names)

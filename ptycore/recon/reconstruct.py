@@ -240,6 +240,11 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
     if seed is not None:
         plan = plan.model_copy(update={"seed": seed})
     stages = [plan.stage(stage)] if stage else list(plan.stages)
+    for stage_cfg in stages:  # the learned prior of every stage that uses one loads, before any compute
+        if stage_cfg.uses_prior:
+            from ptycore.prior.guidance import load_stage_prior
+
+            load_stage_prior(stage_cfg)
     patterns_shape = _stored_patterns_shape(data_path)
     inputs = input_checksums(data_path, init_path)
     plan_hash = plan.hash()

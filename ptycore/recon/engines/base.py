@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptycore.prior.guidance import stage_prior_map
 from ptycore.recon.grouping import make_batches, n_batches, split_validation
 from ptycore.recon.losses import DATA_LOSSES
 from ptycore.recon.placement import Placement
@@ -46,7 +47,8 @@ class Engine:
         noise_model = getattr(stage.options, "noise_model", "amplitude")
         self.problem = Problem(context.optics, losses=stage.losses, per_position_tilts=self.per_position_tilts,
                                noise_model="poisson" if noise_model == "poisson" else "amplitude",
-                               detector_mask=measurement.detector_mask)
+                               detector_mask=measurement.detector_mask,
+                               prior_map=stage_prior_map(stage, state, context.optics.grid.pixel_size_A))
         #: where the iteration runs (the measurement's placement: one device unless the runner gave N)
         self.placement = getattr(measurement, "placement", None) or Placement()
         if self.placement.single:
@@ -93,6 +95,11 @@ class Engine:
             return tree
         return jax.tree_util.tree_map(
             lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
+
+    def prior_sigma(self, it: int):
+        """The ``prior`` loss's noise level at iteration ``it`` (rad; data of the compiled call)."""
+        loss = self.stage.losses.get("prior")
+        return jnp.float32(loss.sigma_rad.at(it) if loss is not None else 0.0)
 
     def compilations(self) -> int:
         return int(self._iteration._cache_size())

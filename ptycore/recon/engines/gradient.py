@@ -81,17 +81,21 @@ class GradientEngine(Engine):
         return out
 
     # ------------------------------------------------------------ the compiled iteration
-    def _loss(self, params, state, carried, measured, idx, mask, weights):
-        terms = self.problem.loss_terms(self.parameters.render(params, state, carried), measured, idx, mask)
+    def _loss(self, params, state, carried, measured, idx, mask, weights, prior_target=None):
+        terms = self.problem.loss_terms(self.parameters.render(params, state, carried), measured, idx, mask,
+                                        prior_target)
         return self.problem.total(terms, weights), terms
 
     def _iteration_impl(self, carry, measured, batches, masks, val_batches, val_masks, hyper):
+        # the RED target: the object as the iteration begins, denoised once, held over the batches
+        prior_target = self.problem.prior_target(carry[0], hyper["prior_sigma_rad"])
+
         def step(carry, batch):
             state, carried, opt = carry
             idx, mask = batch
             params = self.parameters.view(state, carried)
             (_, terms), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                params, state, carried, measured, idx, mask, hyper["weights"])
+                params, state, carried, measured, idx, mask, hyper["weights"], prior_target)
             updates, opt = self.optimizer.update(grads, opt, params, hyper=hyper)
             state, carried = self.parameters.apply(state, carried, params, updates)
             return (state, carried, opt), terms
@@ -100,6 +104,8 @@ class GradientEngine(Engine):
         state = self.parameters.finish(state, carried)  # a network's noise-free output (pixels: as they are)
         state = apply_constraints(state, self.ctx, self.constraints, hyper["constraints"])
         out = self.summarise(state, measured, terms, val_batches, val_masks)
+        if prior_target is not None:
+            out["prior_sigma_rad"] = hyper["prior_sigma_rad"]
         return (state, carried, opt), out
 
     # ------------------------------------------------------------ per-iteration host side
@@ -108,4 +114,5 @@ class GradientEngine(Engine):
             **stage_hyper(self.optimize, self.names, it),
             "weights": {n: jnp.float32(loss.weight.at(it)) for n, loss in self.stage.losses.items()},
             "constraints": self.constraint_flags(it),
+            "prior_sigma_rad": self.prior_sigma(it),
         }

@@ -23,6 +23,13 @@ counts; see :mod:`ptycore.recon.problem`). One outer step (one compiled call):
    and by 1/4 when ``rho > 0.75`` (Kandel et al., Opt. Express 29, 23019 (2021)), within
    ``[damping_min, damping_max]``.
 
+With a ``prior`` loss (RED, :mod:`ptycore.prior.guidance`) the objective has the extra residuals
+``sqrt(W) (P(phase) - t)``: ``Phi += W/2 |P(phase) - t|^2``, ``g += W P^T (P(phase) - t)``,
+``G v += W P^T P v`` (exact: the residuals are linear in the phase) and ``D += W diag(P^T P)``;
+the target ``t = sg(D_sigma(P(phase)))`` is renewed at the start of a step after an accepted one
+(kept after a rejection), so the gain ratio compares one objective and an accepted step lowers
+it (history: ``prior``, ``prior_sigma_rad``, ``lm_objective_start``).
+
 A parameter takes part from its ``start`` to its ``stop`` (its tangent components are zero
 otherwise); its ``lr`` must be > 0 and is otherwise unused (LM's step length comes from the
 system). History per step: the data terms at the start of the step, ``lm_objective`` after it,
@@ -129,13 +136,43 @@ class LMEngine(Engine):
         lm = {"damping": jnp.asarray(self.options.damping, real), "step": zeros, "fresh": jnp.bool_(True),
               "objective": jnp.asarray(jnp.inf, real), "gradient": zeros, "scale": zeros,
               "terms": {n: jnp.zeros((), real) for n in self._term_names()}}
+        if self._prior is not None:  # the RED target of the current object (renewed after every accepted step)
+            lm["prior_target"] = jnp.zeros(self._prior.to_prior(state.object_phase).shape, real)
         return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (state, carried, lm))
 
     def to_state(self, carry) -> State:
         return carry[0]
 
     def _term_names(self):
-        return ["single"] + [n for n in self.stage.losses if n != "single"]
+        return ["single"] + [n for n in self.stage.losses if n not in ("single", "prior")]
+
+    # ------------------------------------------------------------ the prior's residuals (RED)
+    @property
+    def _prior(self):
+        return self.problem.prior_map if "prior" in self.stage.losses else None
+
+    def prior_target(self, params, state, sigma_rad):
+        """``sg(D_sigma(P(phase)))`` of the object the parameters render (its residuals' target)."""
+        return self._prior.red_target(self.parameters.render(params, state).object_phase, sigma_rad)
+
+    def prior_parts(self, params, state, target, weight):
+        """The prior residuals ``sqrt(W) (P(phase) - target)`` as objective ``W/2 |.|^2``, its
+        gradient ``W P^T (P(phase) - target)`` and its share ``W diag(P^T P)`` of the diagonal
+        scale, over the parameters (zeros unless ``object_phase`` is one)."""
+        phase = self.parameters.render(params, state).object_phase
+        value = self._prior.red_loss(phase, target)
+        grad, scale = _zeros(params), _zeros(params)
+        if "object_phase" in params:
+            grad["object_phase"] = weight * self._prior.red_gradient(phase, target)
+            scale["object_phase"] = jnp.full_like(params["object_phase"], weight * self._prior.normal_diagonal())
+        return weight * value, grad, scale, value
+
+    def prior_product(self, v, weight):
+        """The prior residuals' Gauss-Newton product ``W P^T P v`` (exact: they are linear in the phase)."""
+        out = _zeros(v)
+        if "object_phase" in v:
+            out["object_phase"] = weight * self._prior.normal_product(v["object_phase"])
+        return out
 
     # ------------------------------------------------------------ the model as a function of parameters
     def amplitudes(self, params, state, idx):
@@ -221,9 +258,10 @@ class LMEngine(Engine):
         total, _ = lax.scan(body, _zeros(params), (batches, masks))
         return jax.tree_util.tree_map(lambda x: x * self.norm, total)
 
-    def solve(self, params, state, gradient, scale, damping, x0, active, measured, batches, masks):
+    def solve(self, params, state, gradient, scale, damping, x0, active, measured, batches, masks, prior_weight=None):
         """PCG on the damped system; returns ``(step, G step, iterations)``. ``active`` (label ->
-        bool) zeroes the components of parameters that do not take part."""
+        bool) zeroes the components of parameters that do not take part. With ``prior_weight``
+        ``G`` includes the prior residuals' block (``gradient`` and ``scale`` then include theirs)."""
         gate = lambda tree: {n: jnp.where(active[n], x, jnp.zeros_like(x)) for n, x in tree.items()}  # noqa: E731
         if self.options.marquardt:
             damp = scale
@@ -237,6 +275,8 @@ class LMEngine(Engine):
         def matvec(v):
             v = gate(v)
             gv = self.gauss_newton_product(params, state, v, measured, batches, masks)
+            if prior_weight is not None:
+                gv = jax.tree_util.tree_map(jnp.add, gv, self.prior_product(v, prior_weight))
             return gate(tree_axpy(damping, jax.tree_util.tree_map(jnp.multiply, damp, v), gv))
 
         if self.options.preconditioner:
@@ -264,11 +304,25 @@ class LMEngine(Engine):
             return lm["objective"], lm["gradient"], lm["scale"], lm["terms"]
 
         objective, gradient, scale, terms = lax.cond(lm["fresh"], fresh, reuse)
+        data_objective, data_gradient, data_scale = objective, gradient, scale
+        prior_weight, prior_extra = None, {}
+        if self._prior is not None:  # Phi += W/2 |P(phase) - t|^2, t denoised at the step's start (kept if rejected)
+            target = lax.cond(lm["fresh"], lambda: self.prior_target(params, state, hyper["prior_sigma_rad"]),
+                              lambda: lm["prior_target"])
+            prior_weight = hyper["prior_weight"]
+            value, p_grad, p_scale, raw = self.prior_parts(params, state, target, prior_weight)
+            objective = objective + value
+            gradient = jax.tree_util.tree_map(jnp.add, gradient, p_grad)
+            scale = jax.tree_util.tree_map(jnp.add, scale, p_scale)
+            prior_extra = {"prior": raw, "prior_sigma_rad": hyper["prior_sigma_rad"]}
         damping = lm["damping"]
         step, g_step, cg_iterations = self.solve(params, state, gradient, scale, damping, lm["step"], active,
-                                                 measured, batches, masks)
+                                                 measured, batches, masks, prior_weight)
         trial = jax.tree_util.tree_map(jnp.add, params, step)
-        trial_objective = self.objective(trial, state, measured, batches, masks)
+        trial_data = self.objective(trial, state, measured, batches, masks)
+        trial_objective = trial_data
+        if self._prior is not None:
+            trial_objective = trial_data + self.prior_parts(trial, state, target, prior_weight)[0]
         predicted = -tree_vdot(gradient, step) - 0.5 * tree_vdot(step, g_step)
         actual = objective - trial_objective
         ratio = jnp.where(predicted > 0, actual / jnp.where(predicted > 0, predicted, 1.0), -1.0)
@@ -281,10 +335,14 @@ class LMEngine(Engine):
         new_state = apply_constraints(new_state, self.ctx, self.constraints, flags)
         real = measured.dtype
         new_lm = {"damping": new_damping.astype(real), "step": step, "fresh": accepted,
-                  "objective": jnp.where(accepted, trial_objective, objective).astype(real),
-                  "gradient": gradient, "scale": scale, "terms": terms}
+                  "objective": jnp.where(accepted, trial_data, data_objective).astype(real),
+                  "gradient": data_gradient, "scale": data_scale, "terms": terms}
+        if self._prior is not None:
+            new_lm["prior_target"] = target.astype(real)
+            prior_extra["lm_objective_start"] = objective
         n_products = cg_iterations + 1  # the warm start's residual is one more product
-        report = {**terms, "lm_objective": new_lm["objective"], "damping": damping, "gain_ratio": ratio,
+        lm_objective = jnp.where(accepted, trial_objective, objective).astype(real)
+        report = {**terms, **prior_extra, "lm_objective": lm_objective, "damping": damping, "gain_ratio": ratio,
                   "cg_iterations": cg_iterations.astype(jnp.float32), "accepted": accepted.astype(jnp.float32),
                   "gradient_equivalents": (jnp.where(lm["fresh"], 1.0, 0.0) + 2.0 * n_products + 0.5)}
         out = self.summarise(new_state, measured, report, val_batches, val_masks)
@@ -293,5 +351,7 @@ class LMEngine(Engine):
     # ------------------------------------------------------------ per-iteration host side
     def hyper(self, it: int) -> dict:
         cfg = self.stage.optimize
+        prior = self.stage.losses.get("prior")
         return {"active": {n: jnp.bool_(cfg[n].active_at(it) and cfg[n].lr_at(it) > 0) for n in self.names},
-                "constraints": self.constraint_flags(it)}
+                "constraints": self.constraint_flags(it), "prior_sigma_rad": self.prior_sigma(it),
+                "prior_weight": jnp.float32(prior.weight.at(it) if prior is not None else 0.0)}

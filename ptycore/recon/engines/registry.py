@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: every parameter a plan can name under ``optimize:``
 PARAMETERS = ("object_phase", "object_amplitude", "probe", "positions", "tilts", "slice_thickness")
 #: every loss a plan can name under ``losses:``
-LOSSES = ("single", "poisson", "anscombe", "pacbed", "sparse", "tv_xy", "tv_z", "surface_zero", "l2")
+LOSSES = ("single", "poisson", "anscombe", "pacbed", "sparse", "tv_xy", "tv_z", "surface_zero", "l2", "prior")
 DATA_FIT_LOSSES = ("single", "poisson", "anscombe")
 
 
@@ -60,6 +60,45 @@ class LMOptions(EngineOptions):
     marquardt: bool = Field(default=True, description="damp by the diagonal (Marquardt scaling), not the identity")
 
 
+class DPSOptions(EngineOptions):
+    """Diffusion posterior sampling with the learned prior (``ptycore.recon.engines.dps``), warm-started
+    from the incoming object: one sampler step per iteration, from ``sigma_start_rad`` down to
+    ``sigma_end_rad`` (then to 0 in the last step)."""
+
+    sigma_start_rad: float = Field(
+        default=0.2, gt=0, description="noise added to the warm start (a partial noising) and the first step's "
+        "noise level, rad")
+    sigma_end_rad: float = Field(default=0.005, gt=0, description="noise level of the last sampler step, rad")
+    schedule: Literal["karras", "geometric"] = Field(
+        default="karras", description="karras: EDM's (sigma_start^(1/rho) ... sigma_end^(1/rho))^rho; geometric: "
+        "log-spaced")
+    rho: float = Field(default=7.0, gt=0, description="exponent of the karras schedule")
+    guidance_rad: float = Field(
+        default=0.05, ge=0, description="physics guidance at full weight: the RMS phase change (rad) one step's "
+        "data-fit gradient makes (the gradient is normalised: Adam-smoothed or by its RMS)")
+    guidance_shift: float = Field(
+        default=4.0, description="MEP-Diffusion's shifted sigmoid: weight sigmoid(shift - logSNR)^(1/2), logSNR = "
+        "-2 ln(sigma / sigma_data)")
+    sigma_data_rad: float | None = Field(
+        default=None, gt=0, description="the data scale of logSNR (default: the prior's phase_scale_rad)")
+    through_denoiser: bool = Field(
+        default=False, description="guidance as the gradient w.r.t. the noisy z through the denoiser (DPS of "
+        "Chung et al., MEP-Diffusion's formula; one more backward pass of the denoiser), else w.r.t. x0 at x0")
+    adam: bool = Field(default=True, description="Adam-smoothed guidance (moments over the steps); else the "
+                       "gradient divided by its RMS")
+    adam_b1: float = Field(default=0.9, ge=0, lt=1)
+    adam_b2: float = Field(default=0.999, ge=0, lt=1)
+    eta: float = Field(default=0.0, ge=0, le=1, description="fresh noise per step: 0 deterministic (DDIM), 1 "
+                       "ancestral")
+
+    @model_validator(mode="after")
+    def _decreasing(self):
+        if self.sigma_end_rad >= self.sigma_start_rad:
+            raise ValueError(f"sigma_end_rad {self.sigma_end_rad} must be below sigma_start_rad "
+                             f"{self.sigma_start_rad}")
+        return self
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
@@ -93,6 +132,9 @@ REGISTRY: dict[str, EngineSpec] = {
                    _PROJECTION_LOSSES, object_modes=1),
         EngineSpec("lm", "matrix-free Levenberg-Marquardt: Gauss-Newton steps by preconditioned CG",
                    "ptycore.recon.engines.lm:LMEngine", LMOptions,
-                   ("object_phase", "object_amplitude", "probe", "positions"), _PROJECTION_LOSSES),
+                   ("object_phase", "object_amplitude", "probe", "positions"), _PROJECTION_LOSSES + ("prior",)),
+        EngineSpec("dps", "diffusion posterior sampling with the learned prior, warm-started from the incoming "
+                   "object (object phase only: amplitude, probe, positions stay as they come in)",
+                   "ptycore.recon.engines.dps:DPSEngine", DPSOptions, ("object_phase",), DATA_FIT_LOSSES),
     )
 }
