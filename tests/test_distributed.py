@@ -88,8 +88,9 @@ def _stores(tmp_path):
 
 
 def _cli(args, tmp_path, **extra_env):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent), **extra_env}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
     env.pop("XLA_FLAGS", None)
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "ptycore.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
 
@@ -102,22 +103,52 @@ def _result(path):
     return state, dict(open_store(path).attrs)["provenance"]
 
 
+def _chunk_patterns(prepared, positions_per_chunk: int) -> int:
+    """Rewrite the prepared store's patterns in chunks of ``positions_per_chunk`` positions (as
+    ``ptycore preprocess`` writes scan rows); returns the number of chunks."""
+    import numpy as np
+    import zarr
+
+    from ptycore.store import write_array
+
+    group = zarr.open_group(str(prepared), mode="r+")
+    patterns = np.asarray(group["patterns"][...])
+    write_array(group, "patterns", patterns, chunks=(positions_per_chunk,) + patterns.shape[1:])
+    return -(-patterns.shape[0] // positions_per_chunk)
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_result_of_one(tmp_path):
-    """``ptycore launch -n 2`` starts two real processes (one CPU device each) connected by
-    jax.distributed on 127.0.0.1; process 0 writes the result, the same as one process's."""
+def test_two_processes_of_two_devices_read_their_own_positions_and_give_the_result_of_one(tmp_path):
+    """``ptycore launch -n 2`` starts two real processes of two virtual CPU devices each
+    (``--xla_force_host_platform_device_count=2``), connected by jax.distributed on 127.0.0.1
+    (gloo): the positions are sharded over 4 devices, each process reads from the prepared store
+    only the patterns of its two devices' positions, and process 0 writes the result, the same as
+    one process on one device within STATE_RTOL (float32 sums in another order)."""
     import numpy as np
 
     plan = _stores(tmp_path)
+    n_chunks = _chunk_patterns(tmp_path / "prepared.zarr", 8)  # one scan row (8 positions) per chunk
     common = ["--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--quiet"]
     one = _cli(["reconstruct", *common, "--out", "one.zarr"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "two.zarr"], tmp_path)
+    two = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "two.zarr"], tmp_path,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert two.returncode == 0, two.stderr[-2000:]
     s1, _ = _result(tmp_path / "one.zarr")
     s2, prov = _result(tmp_path / "two.zarr")
-    assert prov["placement"]["devices"] == 2 and prov["placement"]["processes"] == 2
-    assert prov["memory_estimate"]["devices"] == 2
+    placement = prov["placement"]
+    assert (placement["devices"], placement["processes"], placement["mesh"]) == (4, 2, {"positions": 4}), placement
+    assert prov["memory_estimate"]["devices"] == 4
+    stage = placement["stages"]["main"]
+    n_pos = s1.positions_A.shape[0]
+    per_device = stage["positions_per_device"]
+    assert sum(per_device) == n_pos and max(per_device) - min(per_device) <= 1, per_device
+    reads = stage["processes"]
+    # each process read exactly its two devices' positions: half of them, not all
+    assert [r["positions_read"] for r in reads] == [per_device[0] + per_device[1], per_device[2] + per_device[3]]
+    # a device's positions are contiguous runs of a batch: a process decodes only some of the chunks
+    assert all(r["devices"] == 2 and 0 < r["chunks_read"] < n_chunks for r in reads), reads
+    assert all(r["patterns_bytes_per_device"] == max(per_device) * 32 * 32 * 4 for r in reads), reads
     for name in ("object_phase", "object_amplitude", "probe"):
         a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
         assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name

@@ -253,7 +253,8 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
         estimate = estimate_memory(stages, state, patterns_shape, n_devices)
         available = memory.available_memory(jax.devices()[0])
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    measurement = load_measurement(data_path, init_path)  # the init's convergence_mrad, if it has one
+    # the init's convergence_mrad, if it has one; on N devices each process reads its own positions per stage
+    measurement = load_measurement(data_path, init_path, per_process=placement is not None)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
@@ -321,7 +322,9 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                              for r in records},
                 compilations=sum(r.compilations for r in records),
                 placement={**(Placement() if placement is None else placement).describe(),
-                           "launcher": (distributed_info() or {}).get("launcher")},
+                           "launcher": (distributed_info() or {}).get("launcher"),
+                           # per stage: positions per device; per process: positions and chunks read
+                           "stages": {r.name: r.placement for r in records if r.placement}},
                 networks=network_summary(records),
                 memory_estimate=None if estimate is None else {
                     **estimate.as_record(),
