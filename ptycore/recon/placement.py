@@ -160,6 +160,24 @@ class Placement:
     def single(self) -> bool:
         return self.mesh is None
 
+    @property
+    def local_devices(self) -> list:
+        """The run's devices that belong to this process."""
+        return [d for d in self.devices if d.process_index == jax.process_index()]
+
+    def peak_memory(self) -> list[int | None]:
+        """Every device's peak bytes in use so far (``memory_stats()``, gathered from the processes
+        that own them), in device order; None where JAX does not say (the CPU)."""
+        from ptycore.recon.memory import peak_bytes
+
+        mine = np.full(self.n_devices, -1, np.int64)
+        for i, d in enumerate(self.devices):
+            if d.process_index == jax.process_index():
+                value = peak_bytes(d)
+                mine[i] = -1 if value is None else value
+        gathered = allgather_host(mine).max(axis=0)
+        return [None if v < 0 else int(v) for v in gathered]
+
     def describe(self) -> dict:
         """For provenance: device count, process count, mesh."""
         d = self.devices[0]

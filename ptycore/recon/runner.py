@@ -55,6 +55,7 @@ from ptycore.physics.electron import wavelength_A
 from ptycore.recon.context import Context, Measurement
 from ptycore.recon.engines import make_engine
 from ptycore.recon.engines.base import ownership
+from ptycore.recon.placement import Placement
 from ptycore.recon.state import State, resample_state
 
 #: data-fit loss above this many times its best so far in the stage: diverged
@@ -388,6 +389,8 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     finally:
         bar.close()
     record.compilations = engine.compilations()
+    where = placement or Placement()
+    record.memory = {"devices": [str(d) for d in where.devices], "peak_bytes": where.peak_memory()}
     if record.networks:
         record.network_arrays = engine.network_arrays(engine.local(carry))
     return engine.local(engine.to_state(carry)), record
