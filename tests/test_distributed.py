@@ -472,3 +472,50 @@ def test_mpirun_two_processes_detected_through_mpi4py_give_the_result_of_one(tmp
     for name in ("object_phase", "object_amplitude", "probe"):
         a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
         assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name
+
+
+# ------------------------------------------------------------------ reading per process
+def test_stored_patterns_read_only_the_asked_positions_as_the_full_load_does(tmp_path):
+    """What a process of several reads (ptycore.recon.context.StoredPatterns): the asked-for
+    positions only, decoded from the chunks that hold them, the same arrays as the whole-store
+    load (FFT order, clipped), also through a stage's detector crop."""
+    import numpy as np
+
+    from ptycore.physics.fourier import fft_order_band
+    from ptycore.recon.context import load_measurement
+
+    _stores(tmp_path)
+    n_chunks = _chunk_patterns(tmp_path / "prepared.zarr", 8)
+    full = load_measurement(tmp_path / "prepared.zarr")
+    lazy = load_measurement(tmp_path / "prepared.zarr", per_process=True)
+    assert lazy.intensities is None and lazy.shape == full.shape == (64, 32, 32)
+    wanted = np.array([3, 4, 5, 17, 60])
+    np.testing.assert_array_equal(lazy.read_rows(wanted), np.asarray(full.intensities)[wanted])
+    assert (lazy.stored.positions_read, lazy.stored.chunks_read) == (5, 3)  # rows 0, 2, 7 of 8
+    assert n_chunks == 8
+    crop = lazy.cropped(16)
+    keep = fft_order_band(32, 16)
+    assert crop.detector_shape == (16, 16) and crop.pixel_size_A == pytest.approx(2 * full.pixel_size_A)
+    np.testing.assert_array_equal(crop.read_rows(wanted), np.asarray(full.intensities)[wanted][:, keep][:, :, keep])
+
+
+def test_a_bad_pattern_read_per_device_is_one_line_naming_it(tmp_path):
+    """On N devices the patterns are checked as they are placed: a NaN is reported (by every
+    process alike) with its position, before any iteration, and nothing is written."""
+    import numpy as np
+    import zarr
+
+    plan = _stores(tmp_path)
+    group = zarr.open_group(str(tmp_path / "prepared.zarr"), mode="r+")
+    patterns = np.asarray(group["patterns"][...])
+    patterns[37, 3, 4] = np.nan
+    group["patterns"][...] = patterns
+    args = ["reconstruct", "--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--out", "o.zarr",
+            "--devices", "2", "--quiet"]
+    proc = _cli(args, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "ptycore reconstruct: error: prepared.zarr: patterns contain NaN or Inf (position 37)"], proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+    partial = tmp_path / "o.zarr.partial"  # the work directory a resume would use: nothing in it
+    assert not partial.exists() or not any(partial.iterdir())
