@@ -519,3 +519,22 @@ def test_a_bad_pattern_read_per_device_is_one_line_naming_it(tmp_path):
     assert not (tmp_path / "o.zarr").exists()
     partial = tmp_path / "o.zarr.partial"  # the work directory a resume would use: nothing in it
     assert not partial.exists() or not any(partial.iterdir())
+
+
+def test_inspect_shows_the_devices_and_each_devices_memory_per_stage():
+    """What ``ptycore inspect`` prints of a run on 4 GPUs over 2 processes (the provenance as
+    ``reconstruct`` writes it): positions per device, what each process read, and per stage the
+    estimate per device with each device's measured peak."""
+    from ptycore.commands.inspect import placement_lines
+
+    prov = {"placement": {"devices": 4, "processes": 2, "launcher": "slurm", "stages": {"fine": {
+        "positions_per_device": [9, 9, 9, 9], "processes": [{"positions_read": 18}, {"positions_read": 18}]}}},
+        "stage_memory": {"coarse": {"devices": ["gpu:0", "gpu:1", "gpu:2", "gpu:3"], "estimate_GB_per_device": 1.5,
+                                    "peak_GB": [1.2, 1.25, 1.2, 1.3]},
+                         "fine": {"devices": ["cpu:0"], "estimate_GB_per_device": 0.25, "peak_GB": ["n/a"]}}}
+    lines = [x.strip() for x in placement_lines(prov)]
+    assert lines[0] == "devices: 4 over 2 process(es) (launcher slurm)"
+    assert lines[1] == "fine: positions per device 9, 9, 9, 9; read from the store per process 18, 18"
+    assert lines[3] == "coarse: 1.5 GB on each of 4 device(s); measured 1.2, 1.25, 1.2, 1.3 GB"
+    assert lines[4] == "fine: 0.25 GB on each of 1 device(s); measured n/a (not reported on this platform)"
+    assert placement_lines({"placement": {"devices": 1, "processes": 1}}) == []

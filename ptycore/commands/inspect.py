@@ -124,7 +124,7 @@ def placement_lines(prov: dict) -> list[str]:
     estimate (ptycore.recon.memory) and the measured peak, "n/a" where JAX does not report it."""
     lines = []
     placement = prov.get("placement")
-    if isinstance(placement, dict) and placement.get("devices"):
+    if isinstance(placement, dict) and (placement.get("devices") or 1) * (placement.get("processes") or 1) > 1:
         text = f"devices: {placement['devices']} over {placement.get('processes', 1)} process(es)"
         if placement.get("launcher"):
             text += f" (launcher {placement['launcher']})"
