@@ -45,7 +45,9 @@ case (scan, detector, probe modes, slices, batch)       measured    estimated   
 so the estimate is 3-18 % above the peak (the runtime's share dominates small runs, the
 working set large ones). Not yet checked on a GPU, where the device part is compared with
 ``memory_stats()``. ``reconstruct`` records the estimate and the free memory in its
-provenance (``memory_estimate``).
+provenance (``memory_estimate``), and per stage the estimate per device next to each device's
+measured peak (``stage_memory``: ``memory_stats()``'s ``peak_bytes_in_use``, "n/a" on a CPU),
+which ``ptycore inspect`` prints.
 
 Free memory: the host's available RAM (psutil if installed, else /proc/meminfo's
 MemAvailable, else ``os.sysconf``), lowered to the cgroup's limit (a Slurm job's ``--mem``);

@@ -90,7 +90,8 @@ class StageRecord:
     network_arrays: dict = field(default_factory=dict)
     #: on N devices: positions per device, and per process what it read and holds
     placement: dict = field(default_factory=dict)
-    #: per device: the estimated and the measured peak memory (ptycore.recon.memory.stage_memory)
+    #: the stage's devices and each one's measured peak bytes at its end (None where JAX does not
+    #: report it, as on the CPU); ``reconstruct.stage_memory`` adds the estimate per device
     memory: dict = field(default_factory=dict)
 
 
