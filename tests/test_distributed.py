@@ -88,8 +88,9 @@ def _stores(tmp_path):
 
 
 def _cli(args, tmp_path, **extra_env):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent), **extra_env}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE.parent)}
     env.pop("XLA_FLAGS", None)
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "ptycore.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
 
@@ -102,22 +103,52 @@ def _result(path):
     return state, dict(open_store(path).attrs)["provenance"]
 
 
+def _chunk_patterns(prepared, positions_per_chunk: int) -> int:
+    """Rewrite the prepared store's patterns in chunks of ``positions_per_chunk`` positions (as
+    ``ptycore preprocess`` writes scan rows); returns the number of chunks."""
+    import numpy as np
+    import zarr
+
+    from ptycore.store import write_array
+
+    group = zarr.open_group(str(prepared), mode="r+")
+    patterns = np.asarray(group["patterns"][...])
+    write_array(group, "patterns", patterns, chunks=(positions_per_chunk,) + patterns.shape[1:])
+    return -(-patterns.shape[0] // positions_per_chunk)
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_result_of_one(tmp_path):
-    """``ptycore launch -n 2`` starts two real processes (one CPU device each) connected by
-    jax.distributed on 127.0.0.1; process 0 writes the result, the same as one process's."""
+def test_two_processes_of_two_devices_read_their_own_positions_and_give_the_result_of_one(tmp_path):
+    """``ptycore launch -n 2`` starts two real processes of two virtual CPU devices each
+    (``--xla_force_host_platform_device_count=2``), connected by jax.distributed on 127.0.0.1
+    (gloo): the positions are sharded over 4 devices, each process reads from the prepared store
+    only the patterns of its two devices' positions, and process 0 writes the result, the same as
+    one process on one device within STATE_RTOL (float32 sums in another order)."""
     import numpy as np
 
     plan = _stores(tmp_path)
+    n_chunks = _chunk_patterns(tmp_path / "prepared.zarr", 8)  # one scan row (8 positions) per chunk
     common = ["--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--quiet"]
     one = _cli(["reconstruct", *common, "--out", "one.zarr"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "two.zarr"], tmp_path)
+    two = _cli(["launch", "-n", "2", "--", "reconstruct", *common, "--out", "two.zarr"], tmp_path,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert two.returncode == 0, two.stderr[-2000:]
     s1, _ = _result(tmp_path / "one.zarr")
     s2, prov = _result(tmp_path / "two.zarr")
-    assert prov["placement"]["devices"] == 2 and prov["placement"]["processes"] == 2
-    assert prov["memory_estimate"]["devices"] == 2
+    placement = prov["placement"]
+    assert (placement["devices"], placement["processes"], placement["mesh"]) == (4, 2, {"positions": 4}), placement
+    assert prov["memory_estimate"]["devices"] == 4
+    stage = placement["stages"]["main"]
+    n_pos = s1.positions_A.shape[0]
+    per_device = stage["positions_per_device"]
+    assert sum(per_device) == n_pos and max(per_device) - min(per_device) <= 1, per_device
+    reads = stage["processes"]
+    # each process read exactly its two devices' positions: half of them, not all
+    assert [r["positions_read"] for r in reads] == [per_device[0] + per_device[1], per_device[2] + per_device[3]]
+    # a device's positions are contiguous runs of a batch: a process decodes only some of the chunks
+    assert all(r["devices"] == 2 and 0 < r["chunks_read"] < n_chunks for r in reads), reads
+    assert all(r["patterns_bytes_per_device"] == max(per_device) * 32 * 32 * 4 for r in reads), reads
     for name in ("object_phase", "object_amplitude", "probe"):
         a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
         assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name
@@ -441,3 +472,69 @@ def test_mpirun_two_processes_detected_through_mpi4py_give_the_result_of_one(tmp
     for name in ("object_phase", "object_amplitude", "probe"):
         a, b = np.asarray(getattr(s1, name)), np.asarray(getattr(s2, name))
         assert np.max(np.abs(a - b)) < STATE_RTOL * np.max(np.abs(a)), name
+
+
+# ------------------------------------------------------------------ reading per process
+def test_stored_patterns_read_only_the_asked_positions_as_the_full_load_does(tmp_path):
+    """What a process of several reads (ptycore.recon.context.StoredPatterns): the asked-for
+    positions only, decoded from the chunks that hold them, the same arrays as the whole-store
+    load (FFT order, clipped), also through a stage's detector crop."""
+    import numpy as np
+
+    from ptycore.physics.fourier import fft_order_band
+    from ptycore.recon.context import load_measurement
+
+    _stores(tmp_path)
+    n_chunks = _chunk_patterns(tmp_path / "prepared.zarr", 8)
+    full = load_measurement(tmp_path / "prepared.zarr")
+    lazy = load_measurement(tmp_path / "prepared.zarr", per_process=True)
+    assert lazy.intensities is None and lazy.shape == full.shape == (64, 32, 32)
+    wanted = np.array([3, 4, 5, 17, 60])
+    np.testing.assert_array_equal(lazy.read_rows(wanted), np.asarray(full.intensities)[wanted])
+    assert (lazy.stored.positions_read, lazy.stored.chunks_read) == (5, 3)  # rows 0, 2, 7 of 8
+    assert n_chunks == 8
+    crop = lazy.cropped(16)
+    keep = fft_order_band(32, 16)
+    assert crop.detector_shape == (16, 16) and crop.pixel_size_A == pytest.approx(2 * full.pixel_size_A)
+    np.testing.assert_array_equal(crop.read_rows(wanted), np.asarray(full.intensities)[wanted][:, keep][:, :, keep])
+
+
+def test_a_bad_pattern_read_per_device_is_one_line_naming_it(tmp_path):
+    """On N devices the patterns are checked as they are placed: a NaN is reported (by every
+    process alike) with its position, before any iteration, and nothing is written."""
+    import numpy as np
+    import zarr
+
+    plan = _stores(tmp_path)
+    group = zarr.open_group(str(tmp_path / "prepared.zarr"), mode="r+")
+    patterns = np.asarray(group["patterns"][...])
+    patterns[37, 3, 4] = np.nan
+    group["patterns"][...] = patterns
+    args = ["reconstruct", "--plan", str(plan), "--data", "prepared.zarr", "--init", "init.zarr", "--out", "o.zarr",
+            "--devices", "2", "--quiet"]
+    proc = _cli(args, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "ptycore reconstruct: error: prepared.zarr: patterns contain NaN or Inf (position 37)"], proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+    partial = tmp_path / "o.zarr.partial"  # the work directory a resume would use: nothing in it
+    assert not partial.exists() or not any(partial.iterdir())
+
+
+def test_inspect_shows_the_devices_and_each_devices_memory_per_stage():
+    """What ``ptycore inspect`` prints of a run on 4 GPUs over 2 processes (the provenance as
+    ``reconstruct`` writes it): positions per device, what each process read, and per stage the
+    estimate per device with each device's measured peak."""
+    from ptycore.commands.inspect import placement_lines
+
+    prov = {"placement": {"devices": 4, "processes": 2, "launcher": "slurm", "stages": {"fine": {
+        "positions_per_device": [9, 9, 9, 9], "processes": [{"positions_read": 18}, {"positions_read": 18}]}}},
+        "stage_memory": {"coarse": {"devices": ["gpu:0", "gpu:1", "gpu:2", "gpu:3"], "estimate_GB_per_device": 1.5,
+                                    "peak_GB": [1.2, 1.25, 1.2, 1.3]},
+                         "fine": {"devices": ["cpu:0"], "estimate_GB_per_device": 0.25, "peak_GB": ["n/a"]}}}
+    lines = [x.strip() for x in placement_lines(prov)]
+    assert lines[0] == "devices: 4 over 2 process(es) (launcher slurm)"
+    assert lines[1] == "fine: positions per device 9, 9, 9, 9; read from the store per process 18, 18"
+    assert lines[3] == "coarse: 1.5 GB on each of 4 device(s); measured 1.2, 1.25, 1.2, 1.3 GB"
+    assert lines[4] == "fine: 0.25 GB on each of 1 device(s); measured n/a (not reported on this platform)"
+    assert placement_lines({"placement": {"devices": 1, "processes": 1}}) == []

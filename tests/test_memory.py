@@ -144,3 +144,73 @@ def test_free_device_memory_comes_from_memory_stats():
     available = memory.available_memory(_FakeGPU())
     assert available.device == 5_000_000_000 and "fake GPU memory free" in available.source
     assert memory.available_memory(jax.devices("cpu")[0]).device is None  # a CPU reports none: the host counts
+
+
+def test_provenance_and_inspect_show_the_memory_per_device_and_stage(stores, tmp_path, capsys):
+    """The result records, per stage, the estimate per device and each device's measured peak;
+    on the CPU JAX reports no peak ("n/a"). ``inspect`` prints both."""
+    out = tmp_path / "r.zarr"
+    assert _run(stores, out) == 0
+    prov = zarr.open_group(str(out)).attrs["provenance"]
+    per_stage = prov["stage_memory"]["main"]
+    est = prov["memory_estimate"]
+    assert per_stage["estimate_GB_per_device"] == pytest.approx(est["device_GB"], abs=1e-3)
+    assert len(per_stage["devices"]) == 1 and len(per_stage["peak_GB"]) == 1
+    if jax.devices()[0].platform == "cpu":
+        assert per_stage["peak_GB"] == ["n/a"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "memory per device" in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("main:") and "device(s)" in x)
+    assert "on each of 1 device(s)" in line and ("n/a" in line or "GB" in line.split("measured")[1]), line
+
+
+def test_estimate_counts_the_networks():
+    """A stage whose object a U-Net makes (object: {model: dgp}) adds the network: weights,
+    gradient and AdamW's two moments, and the activations of one forward/backward per batch."""
+    from ptycore.recon.networks import unet_parameter_count
+
+    record = {"stages": [{"name": "s", "engine": "gradient", "iterations": 1, "batch_size": 32,
+                          "optimize": {"probe": {"lr": 0.1}}}]}
+    dgp = {"stages": [{**record["stages"][0], "object": {"model": "dgp", "levels": 3, "filters": 16}}]}
+    shapes = {"object": (1, 4, 300, 300), "probe": (2, 64, 64), "slice_thickness_A": 2.0}
+    plain, net = (memory.stage_shapes(parse_plan(r).stages, n_positions=1000, detector_px=(64, 64),
+                                      state_shapes=shapes)[0] for r in (record, dgp))
+    assert net.networks == (("object", 8, 3, 16, "group", (300, 300)),)  # amplitude and phase of 4 slices
+    parts = memory.stage_bytes(net)
+    assert "networks" not in memory.stage_bytes(plain)
+    weights = unet_parameter_count(8, 3, 16) * 4
+    assert parts["networks"] > 4 * weights  # weights, gradient, two moments, and the activations
+    padded = 304 * 304  # to a multiple of 2^3
+    assert parts["networks"] > memory.UNET_ACTIVATION_FACTOR * 16 * padded * 4
+    wider = memory.network_bytes(8, 3, 32, "group", (300, 300))
+    assert wider > 1.9 * memory.network_bytes(8, 3, 16, "group", (300, 300))  # activations scale with filters
+    est = memory.estimate([net], stored_detector_px=(64, 64))
+    assert est.parts["networks"] == parts["networks"]
+    assert est.device == memory.estimate([plain], stored_detector_px=(64, 64)).device + parts["networks"]
+
+
+def test_refusal_on_n_devices_is_per_device():
+    """On 4 devices the estimate is one device's share, checked against the least free device;
+    the line says so."""
+    one = memory.estimate([_shape(batch_size=512)], stored_detector_px=(64, 64))
+    four = memory.estimate([_shape(batch_size=512)], stored_detector_px=(64, 64), devices=4)
+    assert four.device < one.device and four.devices == 4
+    free = int(four.device * 0.9)
+    with pytest.raises(memory.InsufficientMemory, match=r"estimated peak device memory [\d.]+ GB per device "
+                                                        r"\(4 devices\) .* exceeds the .* GB free"):
+        memory.check_fits(four, memory.Available(host=int(100e9), device=free, source="test"))
+    memory.check_fits(four, memory.Available(host=int(100e9), device=int(four.device * 1.1), source="test"))
+
+
+class _FullGPU(_FakeGPU):
+    def memory_stats(self):
+        return {"bytes_limit": 8_000_000_000, "bytes_in_use": 7_000_000_000, "peak_bytes_in_use": 7_500_000_000}
+
+
+def test_free_memory_of_several_devices_is_the_least_and_peaks_come_from_memory_stats():
+    available = memory.available_memory([_FakeGPU(), _FullGPU()])
+    assert available.device == 1_000_000_000 and "least free of 2" in available.source
+    assert memory.peak_bytes(_FullGPU()) == 7_500_000_000
+    assert memory.peak_bytes(jax.devices("cpu")[0]) is None  # the CPU does not say: "n/a"

@@ -93,6 +93,7 @@ def provenance_lines(prov: dict, full: bool) -> list[str]:
     device = ", ".join(str(prov[k]) for k in ("device_kind", "platform") if prov.get(k))
     if device:
         lines.append(f"device: {device}")
+    lines += placement_lines(prov)
     if prov.get("wall_seconds") is not None:
         lines.append(f"wall time: {_fmt_number(float(prov['wall_seconds']))} s")
     versions = prov.get("versions") or {}
@@ -115,6 +116,36 @@ def provenance_lines(prov: dict, full: bool) -> list[str]:
     chain = upstream_chain(prov)
     if chain:
         lines.append("upstream: " + " <- ".join(chain))
+    return lines
+
+
+def placement_lines(prov: dict) -> list[str]:
+    """The devices a reconstruction ran on and, per stage, the memory of each device: the
+    estimate (ptycore.recon.memory) and the measured peak, "n/a" where JAX does not report it."""
+    lines = []
+    placement = prov.get("placement")
+    if isinstance(placement, dict) and (placement.get("devices") or 1) * (placement.get("processes") or 1) > 1:
+        text = f"devices: {placement['devices']} over {placement.get('processes', 1)} process(es)"
+        if placement.get("launcher"):
+            text += f" (launcher {placement['launcher']})"
+        lines.append(text)
+        for stage, info in (placement.get("stages") or {}).items():
+            reads = ", ".join(str(r.get("positions_read")) for r in info.get("processes", []))
+            lines.append(f"  {stage}: positions per device {', '.join(map(str, info.get('positions_per_device', [])))}"
+                         f"; read from the store per process {reads}")
+    memory = prov.get("stage_memory")
+    if isinstance(memory, dict) and memory:
+        lines.append("memory per device (estimate; measured peak so far at the stage's end):")
+        for stage, m in memory.items():
+            est = m.get("estimate_GB_per_device")
+            peaks = m.get("peak_GB") or []
+            if peaks and all(p == "n/a" for p in peaks):
+                measured = "n/a (not reported on this platform)"
+            else:
+                measured = ", ".join(p if isinstance(p, str) else f"{p:.3g}" for p in peaks) + " GB"
+            n = len(m.get("devices") or []) or 1
+            lines.append(f"  {stage}: {'?' if est is None else f'{est:.3g}'} GB on each of {n} device(s); "
+                         f"measured {measured}")
     return lines
 
 

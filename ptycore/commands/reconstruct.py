@@ -39,7 +39,8 @@ def add_arguments(p):
                    help="devices to shard the scan positions over (data parallelism; same result up to float32 "
                         "rounding): a number or 'all' (default: every device of every process when started as "
                         "several processes by srun, mpirun or 'ptycore launch', else the plan's devices:, 1 unless "
-                        "it says); the memory estimate is per device")
+                        "it says); each process reads only its devices' patterns from --data, and the memory "
+                        "estimate, its check and the recorded peaks are per device")
 
 
 def check_checkpoints(out) -> None:

@@ -57,12 +57,28 @@ def _stored_patterns_shape(data_path) -> tuple[int, ...] | None:
         return None
 
 
-def estimate_memory(stages, state, patterns_shape, devices: int = 1) -> memory.Estimate:
+def estimate_memory(stages, state, patterns_shape, devices: int = 1, local_devices: int = 1) -> memory.Estimate:
     """The run's peak memory from the data's and the init's shapes (see ptycore.recon.memory)."""
     shapes = memory.stage_shapes(stages, n_positions=patterns_shape[0], detector_px=patterns_shape[1:],
                                  state_shapes={"object": state.object_phase.shape, "probe": state.probe.shape,
                                                "slice_thickness_A": float(state.slice_thickness_A)})
-    return memory.estimate(shapes, stored_detector_px=patterns_shape[1:], devices=devices)
+    return memory.estimate(shapes, stored_detector_px=patterns_shape[1:], devices=devices,
+                           local_devices=local_devices)
+
+
+def stage_memory(records, estimate: memory.Estimate | None) -> dict:
+    """Provenance, per stage: the estimated bytes per device and every device's measured peak
+    (``memory_stats()``'s peak since the run started, read at the stage's end; "n/a" where JAX
+    does not report it, as on the CPU)."""
+    out = {}
+    for r in records:
+        peaks = (r.memory or {}).get("peak_bytes") or []
+        est = None if estimate is None else (estimate.stages or {}).get(r.name)
+        out[r.name] = {
+            "devices": (r.memory or {}).get("devices", []),
+            "estimate_GB_per_device": None if est is None else round(est / memory.GB, 4),
+            "peak_GB": ["n/a" if p is None else round(p / memory.GB, 4) for p in peaks]}
+    return out
 
 
 def input_checksums(data_path, init_path) -> dict:
@@ -255,10 +271,12 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                               "inputs (remove it or pass --overwrite)")
     estimate = available = None
     if patterns_shape is not None and len(patterns_shape) == 3:  # before loading anything large
-        estimate = estimate_memory(stages, state, patterns_shape, n_devices)
-        available = memory.available_memory(jax.devices()[0])
+        local = [jax.local_devices()[0]] if placement is None else placement.local_devices
+        estimate = estimate_memory(stages, state, patterns_shape, n_devices, len(local))
+        available = memory.available_memory(local)  # the least free of this process's devices
         memory.check_fits(estimate, available, max_memory_gb=max_memory_gb)
-    measurement = load_measurement(data_path, init_path)  # the init's convergence_mrad, if it has one
+    # the init's convergence_mrad, if it has one; on N devices each process reads its own positions per stage
+    measurement = load_measurement(data_path, init_path, per_process=placement is not None)
     check_compatible(state, pixel_A, measurement, init_path, data_path)
     for stage_cfg in stages:  # every stage's detector crop fits the data, before any compute
         check_stage_detector(stage_cfg, measurement)
@@ -326,13 +344,16 @@ def reconstruct(*, plan_path, data_path, init_path, out_path, stage=None, resume
                              for r in records},
                 compilations=sum(r.compilations for r in records),
                 placement={**(Placement() if placement is None else placement).describe(),
-                           "launcher": (distributed_info() or {}).get("launcher")},
+                           "launcher": (distributed_info() or {}).get("launcher"),
+                           # per stage: positions per device; per process: positions and chunks read
+                           "stages": {r.name: r.placement for r in records if r.placement}},
                 networks=network_summary(records),
                 memory_estimate=None if estimate is None else {
                     **estimate.as_record(),
                     "host_free_GB": None if available.host is None else round(available.host / memory.GB, 3),
                     "device_free_GB": None if available.device is None else round(available.device / memory.GB, 3),
                     "max_memory_gb": max_memory_gb, "devices": n_devices},
+                stage_memory=stage_memory(records, estimate),
             ),
         })
         if "convergence_mrad" in init_attrs:  # the init config's convergence angle, carried on to the next stage

@@ -54,6 +54,8 @@ from ptycore.errors import Diverged, Interrupted, InvalidData, InvalidPlan
 from ptycore.physics.electron import wavelength_A
 from ptycore.recon.context import Context, Measurement
 from ptycore.recon.engines import make_engine
+from ptycore.recon.engines.base import ownership
+from ptycore.recon.placement import Placement
 from ptycore.recon.state import State, resample_state
 
 #: data-fit loss above this many times its best so far in the stage: diverged
@@ -86,6 +88,11 @@ class StageRecord:
     pretrain: dict[str, list] = field(default_factory=dict)
     #: the networks' weights, optimiser state and input at the end (host arrays, for the store)
     network_arrays: dict = field(default_factory=dict)
+    #: on N devices: positions per device, and per process what it read and holds
+    placement: dict = field(default_factory=dict)
+    #: the stage's devices and each one's measured peak bytes at its end (None where JAX does not
+    #: report it, as on the CPU); ``reconstruct.stage_memory`` adds the estimate per device
+    memory: dict = field(default_factory=dict)
 
 
 def _checkpoint_path(workdir: Path, stage_name: str) -> Path:
@@ -304,14 +311,19 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     module docstring) without overwriting the last good checkpoint. ``placement``
     (``ptycore.recon.placement.Placement``) runs the stage on several devices (default: one)."""
     measurement = stage_measurement(stage, measurement)
-    if placement is not None:
-        measurement = replace(measurement, placement=placement)
     state = resample_state(state, stage.resample, measurement.pixel_size_A, measurement.detector_shape)
+    if placement is not None:  # the owners from the positions, then each process reads its own patterns
+        owner, _ = ownership(stage, placement, state.positions_A, measurement.n_positions, seed, stage_index)
+        measurement = replace(measurement, placement=placement)
+        measurement = replace(measurement, placed=placement.place(measurement, owner))
     ctx = Context.build(measurement, state.positions_A, state.object_phase.shape[-2:], stage.propagator_bandlimit)
     engine = make_engine(stage, ctx, measurement, state, seed, stage_index)
     carry = engine.init_carry(state)
     record = StageRecord(stage.name, stage.engine, stage.iterations, pixel_size_A=measurement.pixel_size_A,
                          detector_px=measurement.detector_shape)
+    if measurement.placed is not None:
+        record.placement = {"positions_per_device": measurement.placed.positions_per_device,
+                            "processes": measurement.placed.read_per_process}
     first = 0
     ckpt = _checkpoint_path(workdir, stage.name) if workdir is not None else None
     if resume and ckpt is not None and ckpt.exists():
@@ -378,6 +390,8 @@ def run_stage(stage, stage_index: int, state: State, measurement: Measurement, *
     finally:
         bar.close()
     record.compilations = engine.compilations()
+    where = placement or Placement()
+    record.memory = {"devices": [str(d) for d in where.devices], "peak_bytes": where.peak_memory()}
     if record.networks:
         record.network_arrays = engine.network_arrays(engine.local(carry))
     return engine.local(engine.to_state(carry)), record

@@ -8,6 +8,8 @@ here with the carry donated), ``hyper(it)`` (per-iteration data: rates, switches
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,31 @@ def data_fit_name(losses) -> str:
     raise ValueError("no data-fit loss")
 
 
+def _validation_batches(n_positions: int, stage, seed: int, stage_index: int, positions):
+    """The held-out positions' batches (the same every iteration), or None."""
+    train_idx, val_idx = split_validation(n_positions, stage.validation_fraction, seed)
+    if len(val_idx) == 0:
+        return None
+    batch_size = min(stage.batch_size, len(train_idx))
+    rng = np.random.default_rng([seed, stage_index, 0])
+    return make_batches("random", positions, val_idx, min(batch_size, len(val_idx)), rng)
+
+
+def ownership(stage, placement: Placement, positions_A, n_positions: int, seed: int, stage_index: int):
+    """The device that owns every position in a stage on N devices and the sub-batch sizes
+    ``[training, held-out]`` (``Placement.assign`` of the stage's first batches and its held-out
+    batches). Decided from metadata only (positions, plan, seed), so every process computes the
+    same before any pattern is read."""
+    positions_A = np.asarray(positions_A)
+    train_idx, _ = split_validation(n_positions, stage.validation_fraction, seed)
+    batch_size = min(stage.batch_size, len(train_idx))
+    rng = np.random.default_rng([seed, stage_index, 0])
+    first = make_batches(stage.grouping, positions_A, train_idx, batch_size, rng)
+    val = _validation_batches(n_positions, stage, seed, stage_index, positions_A)
+    owner, sizes = placement.assign(n_positions, first, *([val] if val is not None else []))
+    return owner, sizes
+
+
 class Engine:
     #: True for an engine whose batches are the same every iteration (LM): on N devices they are
     #: split once; otherwise ``random`` grouping draws per-device batches (see recon/placement.py)
@@ -40,7 +67,8 @@ class Engine:
         self.stage_index = stage_index
         self.per_position_tilts = state.tilts_mrad.ndim == 2
         self.constraints = stage.constraints.active()
-        self.measured = measurement.intensities
+        self.measured = measurement.intensities  # N devices: the placed patterns (_place)
+        self._measurement = measurement
         self.positions0 = np.asarray(state.positions_A)
         self.train_idx, self.val_idx = split_validation(measurement.n_positions, stage.validation_fraction, seed)
         self.batch_size = min(stage.batch_size, len(self.train_idx))
@@ -59,16 +87,24 @@ class Engine:
 
     def _place(self, measurement):
         """N devices: owners of the positions (from the first iteration's batches), the patterns
-        sharded by owner (each process reads its own rows), the held-out batches split once."""
-        rng = np.random.default_rng([self.seed, self.stage_index, 0])
-        first = make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
-        val = self._validation_batches_host()
-        owner, sizes = self.placement.assign(measurement.n_positions, first, *([val] if val is not None else []))
+        sharded by owner (each process reads its own rows; the stage runner has placed them
+        already, see ``ptycore.recon.runner.run_stage``), the held-out batches split once."""
+        owner, sizes = ownership(self.stage, self.placement, self.positions0, measurement.n_positions, self.seed,
+                                 self.stage_index)
+        placed = measurement.placed
+        if placed is None or not np.array_equal(placed.owner, owner):
+            placed = self.placement.place(measurement, owner)
         self._owner, self._sub_batch = owner, sizes[0]
-        intensities = measurement.intensities
-        self.measured = self.placement.patterns(owner, lambda rows: np.asarray(intensities[rows]))
+        self._measurement = replace(measurement, placed=placed)
+        self.measured = placed.patterns
+        val = self._validation_batches_host()
         self._val_split = None if val is None else self.placement.split(*val, owner, sizes[1])
         self._split_cache = None
+
+    def counts(self, positions) -> float:
+        """Total counts of the measured patterns at ``positions`` (on N devices from the placed
+        patterns' gathered totals when the patterns stayed in the store)."""
+        return self._measurement.counts(positions)
 
     def summarise(self, state, measured, terms, val_batches, val_masks, fit=None):
         """Inside the compiled iteration: batch-mean terms, the held-out loss (``fit``, by default
@@ -113,10 +149,8 @@ class Engine:
         return make_batches(self.stage.grouping, self.positions0, self.train_idx, self.batch_size, rng)
 
     def _validation_batches_host(self):
-        if len(self.val_idx) == 0:
-            return None
-        rng = np.random.default_rng([self.seed, self.stage_index, 0])
-        return make_batches("random", self.positions0, self.val_idx, min(self.batch_size, len(self.val_idx)), rng)
+        return _validation_batches(len(self.train_idx) + len(self.val_idx), self.stage, self.seed, self.stage_index,
+                                   self.positions0)
 
     def validation_batches(self):
         if not self.placement.single:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ptycore.physics.shifts import crop_patches, split_positions
@@ -113,7 +112,7 @@ class LMEngine(Engine):
         self.options = stage.options
         self.names = list(stage.optimize)
         self.parameters = Parameters(self.names, state)
-        counts = float(jnp.sum(measurement.intensities[np.asarray(self.train_idx)]))
+        counts = self.counts(self.train_idx)
         self.norm = 1.0 / max(counts, 1e-12)
         probe_part = [p for p in self.parameters.parts if isinstance(p, PixelProbe)]
         self.probe_scale = probe_part[0].scale if probe_part else 1.0
