@@ -260,3 +260,14 @@ def test_adaptive_default_recovers_a_thin_abtem_crystal(tmp_path):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["iterations"] <= 200
     assert metrics["ssim_phase_sum"] >= 0.8, metrics["ssim_phase_sum"]
+
+
+def test_the_init_configs_convergence_is_what_the_rules_and_warnings_use():
+    """An init config that overrides the metadata's convergence semi-angle (the run fits with it)
+    is what the rules and the physics warnings see: the probe radius |Δf|·α follows α."""
+    data = {"metadata": {"energy_kv": 300.0, "convergence_mrad": 21.4, "defocus_A": 150.0, "scan_step_A": [0.4, 0.4],
+                         "dose_e_per_A2": 1e6}, "pixel_size_A": 0.325}
+    meta_only = autoplan.facts_for_run(data, (256, 48, 48), {}, 23.43)
+    overridden = autoplan.facts_for_run(data, (256, 48, 48), {"convergence_mrad": 40.0}, 23.43)
+    assert meta_only.convergence_mrad == 21.4 and overridden.convergence_mrad == 40.0
+    assert overridden.names()["probe_radius_A"] > 1.5 * meta_only.names()["probe_radius_A"]

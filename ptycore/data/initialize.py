@@ -336,7 +336,7 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
         inputs[str(config.from_result)] = checksum(config.from_result)
     resolved = {**config.model_dump(mode="json"), "slice_thickness_A": slice_thickness, "defocus_A": defocus,
                 "aberrations": aberrations}
-    notes += init_warnings(meta, pixel, ky, defocus, config.slices, slice_thickness, thickness)
+    notes += init_warnings(meta, pixel, ky, defocus, config.slices, slice_thickness, thickness, convergence)
     with atomic_output(out, overwrite=overwrite) as tmp:
         store = create_store(tmp)
         obj_chunks = (1, 1) + tuple(min(s, 512) for s in shape)
@@ -370,12 +370,15 @@ def initialize(data: str | Path, config_path: str | Path | None, out: str | Path
 
 
 def init_warnings(meta, pixel_size_A: float, detector_px: int, defocus_A: float, slices: int,
-                  slice_thickness_A: float, thickness_A: float | None) -> list[str]:
+                  slice_thickness_A: float, thickness_A: float | None,
+                  convergence_mrad: float | None = None) -> list[str]:
     """The physics checks of ptycore.recon.autoplan for this init: slices too thick for the
-    stated thickness, a probe that does not fit its window at this defocus, a low scan overlap."""
+    stated thickness, a probe that does not fit its window at this defocus, a low scan overlap.
+    ``convergence_mrad``: the init's (its config's override), else the metadata's."""
     from ptycore.recon.autoplan import DataFacts, physics_warnings
 
-    facts = DataFacts(energy_kv=meta.energy_kv, convergence_mrad=meta.convergence_mrad, defocus_A=defocus_A,
+    convergence = meta.convergence_mrad if convergence_mrad is None else convergence_mrad
+    facts = DataFacts(energy_kv=meta.energy_kv, convergence_mrad=convergence, defocus_A=defocus_A,
                       thickness_A=thickness_A, dose_e_per_A2=meta.dose_e_per_A2 or 1.0,
                       scan_step_A=max(meta.scan_step_A), pixel_size_A=pixel_size_A, detector_px=detector_px,
                       n_positions=1)

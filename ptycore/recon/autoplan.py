@@ -356,7 +356,8 @@ def facts_for_run(data_attrs: dict, patterns_shape, init_attrs: dict, state_thic
                   source: str = "data") -> DataFacts:
     """Facts of a reconstruction's inputs: the prepared store's attrs (metadata, pixel size, mean
     counts) and patterns shape, and the thickness the init carries (``attrs['thickness_A']``, None
-    when unknown; older stores without it: their slices × slice thickness)."""
+    when unknown; older stores without it: their slices × slice thickness), and its convergence
+    semi-angle when the init config overrode the metadata's (``attrs['convergence_mrad']``)."""
     meta = data_attrs.get("metadata")
     if not isinstance(meta, dict) or "pixel_size_A" not in data_attrs or patterns_shape is None:
         from ptycore.errors import InvalidData
@@ -365,6 +366,8 @@ def facts_for_run(data_attrs: dict, patterns_shape, init_attrs: dict, state_thic
                           "(run 'ptycore preprocess' first)")
     stats = data_attrs.get("stats") or {}
     thickness = init_attrs["thickness_A"] if "thickness_A" in init_attrs else state_thickness_A
+    if init_attrs.get("convergence_mrad") is not None:  # the init config's override (what the run fits with)
+        meta = {**meta, "convergence_mrad": init_attrs["convergence_mrad"]}
     return facts_from_metadata(meta, pixel_size_A=float(data_attrs["pixel_size_A"]),
                                detector_px=int(patterns_shape[-1]), n_positions=int(patterns_shape[0]),
                                mean_counts=stats.get("mean_counts"), thickness_A=thickness)
