@@ -39,7 +39,7 @@ CLAIMS = {
     "coarse-to-fine": lambda cells, dose: cells <= 2 and dose >= 1e5,
     "lsqml-then-gradient": lambda cells, dose: cells <= 4 and dose >= 1e5,
     "multislice-study": lambda cells, dose: cells >= 4 and dose >= 1e5,
-    "lm-multislice": lambda cells, dose: cells >= 4 and dose >= 1e5,
+    "lm-multislice": lambda cells, dose: 4 <= cells <= 6 and dose >= 1e5,
     "dgp-lowdose": lambda cells, dose: dose <= 1e4,
 }
 
