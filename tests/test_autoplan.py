@@ -271,3 +271,29 @@ def test_the_init_configs_convergence_is_what_the_rules_and_warnings_use():
     overridden = autoplan.facts_for_run(data, (256, 48, 48), {"convergence_mrad": 40.0}, 23.43)
     assert meta_only.convergence_mrad == 21.4 and overridden.convergence_mrad == 40.0
     assert overridden.names()["probe_radius_A"] > 1.5 * meta_only.names()["probe_radius_A"]
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_adaptive_default_recovers_a_thick_abtem_crystal(tmp_path):
+    """6 SrTiO3 unit cells (23.4 Å), 300 kV, 21.4 mrad, 150 Å defocus, 1e6 e/Å², 12×12 scan, 48 px:
+    the default plan resolves 6 slices (one per ~4 Å) and reaches depth-summed phase SSIM >= 0.9
+    in at most 200 iterations (the 16×16-scan, 64 px set of bench/lm_ladder.py measured 0.973)."""
+    pytest.importorskip("abtem")
+    sim, run = tmp_path / "sim", tmp_path / "run"
+    assert main(["simulate", "--out", str(sim), "--cells-z", "6", "--scan-shape", "12", "12", "--detector-px", "48",
+                 "--seed", "6", "--quiet"]) == 0
+    assert main(["ingest", "--patterns", f"{sim}/patterns.h5:patterns", "--meta", str(sim / "meta.yaml"),
+                 "--out", str(run / "data.zarr"), "--quiet"]) == 0
+    assert main(["preprocess", "--data", str(run / "data.zarr"), "--out", str(run / "prepared.zarr"),
+                 "--quiet"]) == 0
+    assert main(["init", "--data", str(run / "prepared.zarr"), "--out", str(run / "init.zarr"), "--quiet"]) == 0
+    assert main(["reconstruct", "--data", str(run / "prepared.zarr"), "--init", str(run / "init.zarr"), "--out",
+                 str(run / "result.zarr"), "--quiet"]) == 0
+    prov = zarr.open_group(run / "result.zarr", mode="r").attrs["provenance"]
+    assert prov["plan"]["stages"][1]["resample"]["slices"] == 6
+    assert main(["evaluate", "--result", str(run / "result.zarr"), "--truth", str(sim / "truth.zarr"), "--init",
+                 str(run / "init.zarr"), "--out", str(run / "eval"), "--no-figures", "--quiet"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["iterations"] <= 200
+    assert metrics["ssim_phase_sum"] >= 0.9, metrics["ssim_phase_sum"]
