@@ -86,12 +86,20 @@ def pixel_twin(record: dict) -> dict:
     return twin
 
 
-def plans(pixel_extend: float, dgp_plan: Path):
+def plans(pixel_extend: float, dgp_plan: Path, network: tuple[int, int] | None = None):
+    """The methods: name -> (plan, extension of its last stage). ``network`` (levels, filters)
+    replaces the DGP plan's network size (the pixel twin does not change)."""
     from ptycore.plan import load_plan, parse_plan
 
     dgp_record = yaml.safe_load(dgp_plan.read_text())
+    twin = pixel_twin(dgp_record)
+    if network is not None:
+        for stage in dgp_record["stages"]:
+            for field in ("object", "probe"):
+                if field in stage:
+                    stage[field].update(levels=network[0], filters=network[1])
     return {"dgp-lowdose": (parse_plan(dgp_record, dgp_plan.stem), 1.0),
-            "pixel-lowdose": (parse_plan(pixel_twin(dgp_record), "pixel-lowdose"), pixel_extend),
+            "pixel-lowdose": (parse_plan(twin, "pixel-lowdose"), pixel_extend),
             "default": (load_plan(ROOT / "config/plans/default.yaml"), pixel_extend)}
 
 
@@ -137,6 +145,8 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
             if (it + 1) % every == 0 or it + 1 == stage.iterations or n == nominal:
                 wall = t0 - clock["start"] - clock["observer"]
                 points.append((wall, n, *measure(st, pixel)))
+                print(f"  {d.name} {plan.name} {stage.name} it {n}: {wall:.0f} s, SSIM {points[-1][2]:.3f}",
+                      file=sys.stderr, flush=True)
             clock["observer"] += time.perf_counter() - t0
 
         state, record = run_stage(stage, index, state, measurement, seed=plan.seed, plan_hash="bench", workdir=None,
@@ -273,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["dgp-lowdose", "pixel-lowdose", "default"])
     ap.add_argument("--dgp-plan", type=Path, default=ROOT / "config/plans/dgp-lowdose.yaml",
                     help="the DGP plan (its pixel twin is derived from it)")
+    ap.add_argument("--network", type=int, nargs=2, metavar=("LEVELS", "FILTERS"),
+                    help="the DGP plan's networks at this size instead (e.g. 2 8, the paper's smallest)")
     ap.add_argument("--pixel-extend", type=float, default=3.0,
                     help="the pixel methods' last stage runs this many times longer (for the equal-time reading)")
     ap.add_argument("--every", type=int, default=10, help="SSIM every N iterations")
@@ -287,11 +299,11 @@ def main(argv=None) -> int:
     if "dgp-lowdose" not in args.methods:
         raise SystemExit("--methods must include dgp-lowdose (the others are read at its iterations and time)")
     args.out.mkdir(parents=True, exist_ok=True)
-    methods = plans(args.pixel_extend, args.dgp_plan)
+    methods = plans(args.pixel_extend, args.dgp_plan, args.network)
     sets = [(c, dose, args.scan, args.detector_px, args.seed) for c in args.cells for dose in args.dose]
     if args.demo:
         sets.append((DEMO["cells"], DEMO["dose"], DEMO["scan"], DEMO["detector_px"], DEMO["seed"]))
-    tag = args.dgp_plan.stem
+    tag = args.dgp_plan.stem + ("" if args.network is None else "-L{}F{}".format(*args.network))
     rows, curves = [], []
     for cells, dose, scan, px, seed in sets:
         d = dataset(args.out, cells, dose, scan, px, seed)
@@ -307,15 +319,18 @@ def main(argv=None) -> int:
                 print(f"{d.name} {method}: SSIM {runs[method]['points'][-1][2]:.3f} "
                       f"({time.perf_counter() - t0:.0f} s with evaluation)", file=sys.stderr, flush=True)
         name = f"{cells} u.c., {dose:.0e} e/Å², {scan}×{scan}, {px} px" + (", seed 2 (demo)" if seed == 2 else "")
+        if args.network is not None:
+            name += ", DGP {} levels/{} filters".format(*args.network)
         row = summarise(name, runs)
         row["dose"], row["cells"], row["demo"] = dose, cells, seed == DEMO["seed"] and scan == DEMO["scan"]
         rows.append(row)
         curves.append(runs)
     text = tables(rows)
     print(text)
-    (args.out / "dgp_dose.md").write_text(text + "\n")
-    (args.out / "dgp_dose.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
-    figure(rows, curves, args.out / "dgp_dose.png")
+    stem = "dgp_dose" if args.network is None else "dgp_dose-{}-{}".format(*args.network)
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
+    figure(rows, curves, args.out / f"{stem}.png")
     return 0
 
 
