@@ -203,10 +203,9 @@ def tables(rows) -> str:
 
     for row in rows:
         g, px, de = row["dgp"], row.get("pixel-lowdose"), row.get("default")
-        best_ssim = max([m["equal_time"]["ssim"] for m in (px, de) if m] + [m["equal_iterations"]["ssim"]
-                                                                             for m in (px, de) if m])
-        best_info = min([m[k]["info_A"] for m in (px, de) if m for k in ("equal_time", "equal_iterations")])
-        goal = g["ssim"] >= best_ssim + 0.1 and g["info_A"] <= 0.8 * best_info
+        pixel = [m[k] for m in (px, de) if m for k in ("equal_time", "equal_iterations")]
+        goal = bool(pixel) and (g["ssim"] >= max(p["ssim"] for p in pixel) + 0.1
+                                and g["info_A"] <= 0.8 * min(p["info_A"] for p in pixel))
         lines.append(
             f"| {row['data']} | {f(g['ssim'])} ({g['iterations']} it) | {cell(px, 'equal_iterations')} | "
             f"{cell(px, 'equal_time')} | {cell(de, 'equal_iterations')} ({de and de['equal_iterations']['iterations']}"
@@ -309,7 +308,9 @@ def main(argv=None) -> int:
         d = dataset(args.out, cells, dose, scan, px, seed)
         runs = {}
         for method in args.methods:
-            cache = d / f"{tag if method == 'dgp-lowdose' else method}-x{methods[method][1]:g}-every{args.every}.json"
+            label = {"dgp-lowdose": tag, "default": "default"}.get(method, "pixel-lowdose" if args.dgp_plan.stem ==
+                                                                   "dgp-lowdose" else f"pixel-{args.dgp_plan.stem}")
+            cache = d / f"{label}-x{methods[method][1]:g}-every{args.every}.json"
             if cache.exists():
                 runs[method] = json.loads(cache.read_text())
             else:
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
         curves.append(runs)
     text = tables(rows)
     print(text)
-    stem = "dgp_dose" if args.network is None else "dgp_dose-{}-{}".format(*args.network)
+    stem = "dgp_dose" if tag == "dgp-lowdose" else f"dgp_dose-{tag}"
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
     figure(rows, curves, args.out / f"{stem}.png")
