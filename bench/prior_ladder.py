@@ -32,6 +32,7 @@ What it reports (all from ``ptycore evaluate``):
     python bench/prior_ladder.py --cells 12 --methods default thick-prior
     python bench/prior_ladder.py --cells 8 --methods path/to/variant.yaml
     python bench/prior_ladder.py --grid-check 12                  # the prior's grid on real data
+    python bench/prior_ladder.py --cells 12 --checkpoint OUT.partial/checkpoints/lm.npz   # one stage's state
     python bench/prior_ladder.py --from-json results/bench/prior-ladder/prior-ladder.json
 
 Writes ``prior-ladder.md`` (the table), ``prior-ladder.json`` and ``prior-ladder.png`` (the
@@ -258,6 +259,36 @@ def grid_check(data: Path, out: Path, cells: int, result_name: str = "default", 
     return report
 
 
+def checkpoint_metrics(data: Path, cells: int, checkpoint: Path) -> dict:
+    """Depth-summed and per-slice SSIM against the truth of the state in a stage checkpoint
+    (``<out>.partial/checkpoints/<stage>.npz``: its first leaves are the State's arrays), e.g. the
+    ``lm`` stage of a prior plan before its ``dps`` stage (DPS on/off from one run)."""
+    from ptycore.errors import InvalidData
+    from ptycore.evaluate import DEFAULT_MARGIN_A, Reconstruction, compare_with_truth, load_reconstruction
+
+    d = data / f"sto-{cells}"
+    truth = load_reconstruction(d / "sim/truth.zarr", role="truth")
+    init = load_reconstruction(d / "init.zarr", role="init")
+    with np.load(checkpoint, allow_pickle=False) as f:
+        amplitude, phase, _, positions = (np.asarray(f[f"leaf{i}"]) for i in range(4))
+        slice_A = float(f["leaf5"])
+        meta = json.loads(str(f["meta"]))
+    rec = Reconstruction(checkpoint, phase.astype(np.float64), amplitude, None, positions.astype(np.float64),
+                         init.pixel_size_A, slice_A)
+    try:
+        m = compare_with_truth(rec, truth, DEFAULT_MARGIN_A).metrics
+    except InvalidData as err:  # a state gone far off registers outside the truth's field
+        row = {"checkpoint": str(checkpoint), "iteration": meta["iteration"], "ssim_phase_sum": None,
+               "unregistered": str(err)}
+        print(json.dumps(row))
+        return row
+    per_slice = [v for v in m["ssim_per_slice"] if v is not None]
+    row = {"checkpoint": str(checkpoint), "iteration": meta["iteration"], "ssim_phase_sum": m["ssim_phase_sum"],
+           "ssim_3d": float(np.mean(per_slice)), "correlation_phase_sum": m["correlation_phase_sum"]}
+    print(json.dumps(row))
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, nargs="+", default=[8, 12, 16])
@@ -270,10 +301,14 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=Path("/tmp/ladder"), help="simulated ladder (cached)")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench/prior-ladder")
     ap.add_argument("--grid-check", type=int, metavar="CELLS", help="only the prior-grid check on one thickness")
+    ap.add_argument("--checkpoint", type=Path, help="only the SSIM of a stage checkpoint (with one --cells)")
     ap.add_argument("--from-json", type=Path, help="only tabulate and plot an earlier run's prior-ladder.json")
     args = ap.parse_args(argv)
     if args.grid_check:
         grid_check(args.data, args.out, args.grid_check, args.data_only)
+        return
+    if args.checkpoint:
+        checkpoint_metrics(args.data, args.cells[0], args.checkpoint)
         return
     path = args.out / "prior-ladder.json"
     if args.from_json:
