@@ -1,0 +1,28 @@
+"""Every shipped plan that uses the learned prior asks the shipped prior only for noise levels it was
+trained on (a plan outside that range is refused when its stage starts, after the earlier stages ran)."""
+
+from pathlib import Path
+
+import pytest
+
+from ptycore.plan import load_plan
+from ptycore.prior.guidance import load_stage_prior, stage_noise_levels
+
+PLANS = sorted((Path(__file__).resolve().parent.parent / "config/plans").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
+def test_shipped_plan_noise_levels_inside_the_shipped_prior(path):
+    plan = load_plan(path)
+    for stage in plan.stages:
+        if "prior" not in stage.losses and stage.engine != "dps":
+            continue
+        prior = load_stage_prior(stage)  # raises InvalidPlan naming the field outside the range
+        for field, sigma in stage_noise_levels(stage):
+            assert prior.sigma_min_rad * (1 - 1e-6) <= sigma <= prior.sigma_max_rad * (1 + 1e-6), (stage.name, field)
+
+
+def test_thick_prior_uses_the_prior_only_after_a_data_only_warm_start():
+    plan = load_plan(Path(__file__).resolve().parent.parent / "config/plans/thick-prior.yaml")
+    uses = ["prior" in s.losses or s.engine == "dps" for s in plan.stages]
+    assert uses[-1] and plan.stages[-1].engine == "lm" and not any(uses[:-1])
