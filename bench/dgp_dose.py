@@ -44,30 +44,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plans import prepare  # noqa: E402  (bench/plans.py: simulate → ingest → preprocess → init)
+
 ROOT = Path(__file__).resolve().parent.parent
 #: the `make demo` low-dose dataset (config/config.yaml's srtio3-2cells-lowdose)
 DEMO = {"cells": 2, "dose": 1e4, "scan": 20, "detector_px": 48, "seed": 2}
 
 
-def run(argv: list[str]) -> None:
-    from ptycore.cli import main
-
-    rc = main(argv)
-    if rc != 0:
-        raise SystemExit(f"ptycore {' '.join(argv)}: exit {rc}")
-
-
 def dataset(out: Path, cells: int, dose: float, scan: int, detector_px: int, seed: int) -> Path:
     d = out / f"sto-{cells}uc-{dose:.0e}-scan{scan}-px{detector_px}-seed{seed}"
-    if not (d / "init.zarr").exists():
-        run(["simulate", "--out", str(d / "sim"), "--cells-z", str(cells), "--dose", str(dose), "--scan-shape",
-             str(scan), str(scan), "--detector-px", str(detector_px), "--seed", str(seed), "--overwrite", "--quiet"])
-        run(["ingest", "--patterns", f"{d}/sim/patterns.h5:patterns", "--meta", str(d / "sim/meta.yaml"),
-             "--out", str(d / "data.zarr"), "--overwrite", "--quiet"])
-        run(["preprocess", "--data", str(d / "data.zarr"), "--config", str(ROOT / "config/preprocess/default.yaml"),
-             "--out", str(d / "prepared.zarr"), "--overwrite", "--quiet"])
-        run(["init", "--data", str(d / "prepared.zarr"), "--out", str(d / "init.zarr"), "--overwrite", "--quiet"])
-    return d
+    return prepare(d, ["--cells-z", str(cells), "--dose", str(dose), "--scan-shape", str(scan), str(scan),
+                       "--detector-px", str(detector_px), "--seed", str(seed)])
 
 
 def pixel_twin(record: dict) -> dict:

@@ -53,11 +53,15 @@ def run(argv: list[str]) -> None:
 def dataset(out: Path, cells: int, kv: int, dose: float, defocus: float, scan: int, detector_px: int) -> Path:
     name = f"sto-{cells}uc-{kv}kv-{dose:.0e}-df{defocus:g}"
     d = out / name
+    return prepare(d, ["--cells-z", str(cells), "--energy-kv", str(kv), "--convergence-mrad",
+                       str(CONVERGENCE_MRAD.get(kv, 21.4)), "--defocus-A", str(defocus), "--dose", str(dose),
+                       "--scan-shape", str(scan), str(scan), "--detector-px", str(detector_px), "--seed", str(cells)])
+
+
+def prepare(d: Path, simulate_args: list[str]) -> Path:
+    """simulate (with ``simulate_args``) → ingest → preprocess → init into ``d``, unless done."""
     if not (d / "init.zarr").exists():
-        run(["simulate", "--out", str(d / "sim"), "--cells-z", str(cells), "--energy-kv", str(kv),
-             "--convergence-mrad", str(CONVERGENCE_MRAD.get(kv, 21.4)), "--defocus-A", str(defocus),
-             "--dose", str(dose), "--scan-shape", str(scan), str(scan), "--detector-px", str(detector_px),
-             "--seed", str(cells), "--overwrite", "--quiet"])
+        run(["simulate", "--out", str(d / "sim"), *simulate_args, "--overwrite", "--quiet"])
         run(["ingest", "--patterns", f"{d}/sim/patterns.h5:patterns", "--meta", str(d / "sim/meta.yaml"),
              "--out", str(d / "data.zarr"), "--overwrite", "--quiet"])
         run(["preprocess", "--data", str(d / "data.zarr"), "--config", str(ROOT / "config/preprocess/default.yaml"),
