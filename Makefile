@@ -17,8 +17,10 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ptycore.demo
 
 ## test: set up and pass the tests
+# the tests' processes share one compilation cache of their own (fresh with a fresh .venv)
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not gpu and not mpi and not slurm" ; rc=$$?; \
+	PATH=$(CURDIR)/$(BIN):$$PATH PTYCORE_COMPILATION_CACHE=$(CURDIR)/$(VENV)/jax-cache \
+	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 $(BIN)/python -m pytest -q -m "not gpu and not mpi and not slurm" ; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: $(STAMP)

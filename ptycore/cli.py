@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "ptycore.store" in sys.modules:  # in-process callers (tests) run several verbs in one process
         sys.modules["ptycore.store"].forget_opened()
+    from ptycore import compile_cache
+
+    compile_cache.enable()  # every ptycore process shares the compiled programs (PTYCORE_COMPILATION_CACHE)
     try:
         return int(args._run(args) or 0)
     except PtycoreError as err:

@@ -9,6 +9,7 @@ of this command that was stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -345,7 +346,7 @@ def run_study(setup: Setup, *, progress: bool = True, poll_seconds: float = 0.5)
             if space.cluster.kind == "slurm":
                 cluster.adapt(minimum_jobs=space.cluster.slurm.minimum_jobs,
                               maximum_jobs=space.cluster.slurm.maximum_jobs)
-            with Client(cluster) as client:
+            with Client(cluster) as client, _catch_sigint():
                 _loop(study, client, job, space, parallel, bar, poll_seconds)
         finally:
             bar.close()
@@ -355,6 +356,35 @@ def run_study(setup: Setup, *, progress: bool = True, poll_seconds: float = 0.5)
         return summary
     finally:
         lock.unlink(missing_ok=True)
+
+
+class _STOP:
+    requested = False
+
+
+@contextlib.contextmanager
+def _catch_sigint():
+    """Ctrl-C (SIGINT) stops the study even when it lands inside a library call that swallows
+    KeyboardInterrupt (dask's event-loop threads, optuna's storage): the request is remembered and
+    the scheduling loop raises it at its next poll. Outside the main thread, nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _STOP.requested = False
+
+    def handler(signum, frame):
+        _STOP.requested = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _STOP.requested = False
 
 
 def _loop(study, client, job: Job, space: Space, parallel: int, bar: _Progress, poll_seconds: float) -> None:
@@ -411,6 +441,8 @@ def _schedule(study, client, job, space, parallel, bar, poll_seconds, in_flight)
             n_started += 1
             in_flight[client.submit(run_one, task, key=key, pure=False, retries=0)] = key
         time.sleep(poll_seconds)
+        if _STOP.requested:  # a Ctrl-C that a library call swallowed: stop here instead
+            raise KeyboardInterrupt
         for future in [f for f in in_flight if f.done()]:
             key = in_flight.pop(future)
             why = None

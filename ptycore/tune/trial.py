@@ -198,6 +198,9 @@ def run_one(job: Job) -> int | None:
     warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
     space = Space.model_validate(job.space)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from ptycore import compile_cache
+
+    compile_cache.enable()  # trials of one study compile the same programs: share them
     study = optuna.load_study(study_name=job.study_name, storage=make_storage(job.storage, space.heartbeat_seconds),
                               sampler=make_sampler(space, job.sampler_seed),
                               pruner=make_pruner(space))
