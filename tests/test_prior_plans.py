@@ -26,3 +26,13 @@ def test_thick_prior_uses_the_prior_only_after_a_data_only_warm_start():
     plan = load_plan(Path(__file__).resolve().parent.parent / "config/plans/thick-prior.yaml")
     uses = ["prior" in s.losses or s.engine == "dps" for s in plan.stages]
     assert uses[-1] and plan.stages[-1].engine == "lm" and not any(uses[:-1])
+
+
+def test_dps_defaults_inside_the_shipped_prior():
+    """A dps stage that gives no noise levels asks the shipped prior only for levels it was trained on."""
+    from ptycore.plan import parse_plan
+
+    stage = parse_plan({"stages": [{"name": "d", "engine": "dps", "iterations": 3}]}).stages[0]
+    prior = load_stage_prior(stage)  # raises InvalidPlan naming the field outside the range
+    levels = dict(stage_noise_levels(stage))
+    assert prior.sigma_min_rad < levels["dps.sigma_end_rad"] < levels["dps.sigma_start_rad"] < prior.sigma_max_rad
