@@ -340,6 +340,7 @@ def main(argv=None):
     results = dict(sorted(results.items()))
     text = table(results)
     print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prior-ladder.md").write_text(text + "\n")
     plot(results, args.data, args.out, args.out / "prior-ladder.png")
 

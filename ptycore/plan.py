@@ -50,7 +50,9 @@ ptycore.recon.networks); the stage then leaves ``object_phase``/``object_amplitu
 Learned prior (ptycore.prior.guidance): ``prior: {path: shipped | PATH, sigma_rad: 0.05}`` at the
 top level (or per stage, overriding it) names the denoiser of every stage that uses one: a
 ``prior`` loss in a gradient or lm stage, ``losses: {prior: {weight: W, sigma_rad: S}}`` (both a
-number or a schedule; ``sigma_rad`` defaults to the ``prior:``'s), or an ``engine: dps`` stage
+number or a schedule; ``sigma_rad`` defaults to the ``prior:``'s; in a gradient stage
+``denoise_every: K`` renews the RED target every K iterations instead of every one, the
+denoiser being the costly part), or an ``engine: dps`` stage
 (options under ``dps:``; it refines ``object_phase`` only, so ``optimize`` may be left out, and
 its ``lr``/``start``/``stop`` are unused; constraints are refused there).
 Without a ``prior:`` such a stage uses the shipped one.
@@ -214,6 +216,9 @@ class Loss(_Strict):
     #: the ``prior`` loss only: the denoiser's noise level (rad), a number or a schedule (default:
     #: the stage's or plan's ``prior.sigma_rad``)
     sigma_rad: Schedule | None = None
+    #: the ``prior`` loss of a gradient stage only: iterations between renewals of the RED target
+    #: ``sg(D_sigma(x))`` (the denoiser runs once per ``denoise_every`` iterations; 1: every iteration)
+    denoise_every: int = Field(default=1, ge=1)
 
     _w = field_validator("weight", "sigma_rad", mode="before")(classmethod(lambda cls, v: _as_schedule(v)))
 
@@ -236,6 +241,8 @@ class Loss(_Strict):
         out = handler(self)
         if out.get("sigma_rad", 0) is None:
             del out["sigma_rad"]
+        if out.get("denoise_every") == 1:  # the default is left out: plans without it keep their hash
+            del out["denoise_every"]
         return out
 
 
@@ -567,6 +574,9 @@ class _StageBase(_Strict):
         for key, loss in self.losses.items():
             if loss.sigma_rad is not None and key != "prior":
                 raise ValueError(f"stage {self.name!r}: losses.{key}.sigma_rad: only the prior loss has a noise level")
+            if loss.denoise_every != 1 and (key != "prior" or self.engine != "gradient"):
+                raise ValueError(f"stage {self.name!r}: losses.{key}.denoise_every: only the prior loss of a gradient "
+                                 "stage has it (lm renews the RED target after every accepted step)")
         for key in self.losses:
             if key not in spec.losses:
                 raise ValueError(f"engine {self.engine!r} fits the data only; loss {key!r} needs a gradient "

@@ -152,6 +152,31 @@ def test_expressions_and_bad_rules():
         assert expect in str(err.value) and "p.yaml" in str(err.value)
 
 
+def test_loss_weights_from_the_counts():
+    """The MAP weight of the prior term W = 1 / (2 N sigma^2) from the data: ``train_counts`` is the
+    mean counts per pattern times the positions a stage does not hold out, ``total_counts`` all of
+    them, ``iterations`` the stage's; each number of a schedule may be an expression."""
+    stage = {"name": "lm", "engine": "lm", "iterations": "= 4 * 3", "validation_fraction": 0.05,
+             "optimize": {"object_phase": {"lr": 1.0}},
+             "losses": {"single": "= total_counts / total_counts",
+                        "prior": {"weight": {"schedule": "cosine", "start": "= 1 / (2 * train_counts * 0.05**2)",
+                                             "end": 0.1, "to_iter": "= iterations"},
+                                  "sigma_rad": {"schedule": "piecewise", "points": [[0, "= 0.01 * 2"], [3, 0.01]]}}}}
+    for counts, n in ((None, 256), (2.5e4, 100)):
+        data = facts(mean_counts=counts, n_positions=n)
+        plan, notes = parse_plan({"name": "x", "stages": [stage]}).resolve(data)
+        per_pattern = counts if counts is not None else 1e6 * 0.4**2  # measured, or dose x step area
+        train = per_pattern * (n - round(0.05 * n))
+        prior = plan.stages[0].losses["prior"]
+        assert prior.weight.start == pytest.approx(1 / (2 * train * 0.05**2)) and prior.weight.to_iter == 12
+        assert prior.sigma_rad.points == [(0, 0.02), (3, 0.01)] and plan.stages[0].losses["single"].weight.value == 1
+        assert any("losses.prior: weight" in line and f"train_counts {train:.4g}" in line for line in notes)
+    bad = json.loads(json.dumps(stage))
+    bad["losses"]["prior"]["weight"]["to_iter"] = "= iterations / 5"
+    with pytest.raises(InvalidPlan, match=r"stages\[0\].losses.prior.weight.to_iter: must be a whole number"):
+        parse_plan({"name": "x", "stages": [bad]})
+
+
 # ---------------------------------------------------------------- shipped plans
 @pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
 def test_every_shipped_plan_validates_and_states_what_it_is_for(path):

@@ -182,6 +182,42 @@ def test_prior_stage_keeps_the_held_out_loss_within_5_percent(registered, syn):
     assert shift["rms_phase_difference_rad"] > 1e-4
 
 
+def test_red_target_renewed_every_k_iterations(registered, syn):
+    """``denoise_every: 2`` in a gradient stage: the RED target is the denoised object of
+    iterations 0 and 2 (held over iteration 1, so its loss differs from renewing every iteration)
+    and the stage still compiles once; lm stages and other losses refuse the field."""
+    registered("gauss", Prior(gaussian_mmse, syn.pixel_size_A, syn.slice_thickness_A))
+    sigma = 0.15
+    state = syn.flat_state()
+    ctx = Context.build(syn.measurement, state.positions_A, state.object_phase.shape[-2:])
+    runs = {}
+    for every in (1, 2):
+        stage = _plan([{"name": "red", "iterations": 3, "batch_size": 12, "optimize": {"object_phase": {"lr": 0.05}},
+                        "losses": {"single": 1.0, "prior": {"weight": 1e-2, "sigma_rad": sigma,
+                                                             "denoise_every": every}}}]).stages[0]
+        eng = make_engine(stage, ctx, syn.measurement, state, 0)
+        carry, held, before, priors = eng.init_carry(state), [], [], []
+        for it in range(3):
+            before.append(np.asarray(eng.to_state(carry).object_phase))
+            carry, terms = eng.iteration(carry, it)
+            held.append(None if eng._held_target is None else np.asarray(eng._held_target))
+            priors.append(float(jax.device_get(terms)["prior"]))
+        runs[every] = (eng, held, before, priors)
+    eng, held, before, priors = runs[2]
+    assert eng.compilations() == 1 and runs[1][1] == [None] * 3
+    for it, source in ((0, 0), (1, 0), (2, 2)):
+        np.testing.assert_allclose(held[it], gaussian_mmse(before[source], sigma), rtol=1e-5, atol=1e-7)
+    assert priors[0] == pytest.approx(runs[1][3][0], rel=1e-6) and priors[1] != pytest.approx(runs[1][3][1], rel=1e-4)
+    one = {"name": "s", "iterations": 2, "optimize": {"object_phase": {"lr": 1.0}}}
+    with pytest.raises(InvalidPlan, match=r"losses.prior.denoise_every: only the prior loss of a gradient stage"):
+        parse_plan({"stages": [{**one, "engine": "lm", "losses": {"single": 1.0,
+                                                                  "prior": {"weight": 0.1, "denoise_every": 3}}}]})
+    with pytest.raises(InvalidPlan, match=r"losses.sparse.denoise_every"):
+        parse_plan({"stages": [{**one, "losses": {"single": 1.0, "sparse": {"weight": 0.1, "denoise_every": 3}}}]})
+    assert "denoise_every" not in _plan([{**one, "losses": {"single": 1.0, "prior": 0.1}}]).resolved()[
+        "stages"][0]["losses"]["prior"]
+
+
 def test_lm_with_prior_residuals_never_raises_the_augmented_loss(registered, syn):
     """LM with a strong Gaussian prior (W = 1e-3): every accepted step lowers the prior-augmented
     objective (data + W/2 |x - D(x)|^2 with the step's target), rejected steps change nothing, and

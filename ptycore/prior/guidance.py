@@ -29,8 +29,10 @@ and cropped back.
 ``1/2 ||x - sg(D_sigma(x))||^2`` summed over every pixel of every slab (``x = P(phase)``,
 ``sg``: stop-gradient), so its gradient w.r.t. ``x`` is ``x - D_sigma(x)`` and w.r.t. the object
 phase ``P^T (x - D_sigma(x))``; a stage multiplies it by its weight ``W``. The engines
-denoise once per iteration (the gradient engine) or per accepted step (LM): the target
-``sg(D_sigma(P(phase)))`` of the object as the iteration began is held over its batches.
+denoise once per iteration (the gradient engine; with the loss's ``denoise_every: K`` once per K
+iterations, the target computed by a separate compiled call and held in between) or per accepted
+step (LM): the target ``sg(D_sigma(P(phase)))`` of the object as the iteration began is held over
+its batches.
 """
 
 from __future__ import annotations

@@ -11,8 +11,16 @@ Facts (:class:`DataFacts`, from ``prepared.zarr`` and the init): ``energy_kv``,
 (mean counts per pattern / scan-step area), ``scan_step_A`` (the larger of dy, dx),
 ``pixel_size_A``, ``detector_px`` (N), ``n_positions``; derived: ``wavelength_A``,
 ``depth_of_field_A``, ``probe_radius_A``, ``window_A``, ``overlap``, ``auto_slices``,
-``auto_slice_thickness_A``, ``auto_probe_modes``, ``dose_factor``; per stage ``n_batches``
-(= ceil(n_positions / batch_size)) and ``slices`` (the stage's resolved slice count).
+``auto_slice_thickness_A``, ``auto_probe_modes``, ``dose_factor``, ``total_counts`` (the
+detected electrons of all patterns: the mean counts per pattern × n_positions); per stage
+``n_batches`` (= ceil(n_positions / batch_size)), ``slices`` (the stage's resolved slice count),
+``iterations`` (the stage's, once resolved: for its losses' schedules) and ``train_counts`` (the
+counts of the positions the stage does not hold out, ``N`` of LM's objective: what the MAP weight
+of the ``prior`` term, ``W = 1 / (2 N sigma^2)``, needs).
+
+Where expressions may stand: a stage's ``iterations``, ``batch_size``, ``resample`` fields, each
+parameter's ``lr``, any other number at the stage's top level, and its losses' weights and
+``sigma_rad`` (a number, or any number of a schedule: ``start``, ``end``, ``value``, ``to_iter``, ...).
 
 The rules (each a function here, tested against its formula in tests/test_autoplan.py):
 
@@ -121,10 +129,23 @@ class DataFacts:
     detector_px: int
     n_positions: int
     notes: tuple[str, ...] = field(default=())
+    #: mean counts per pattern (e); None: the dose times the scan-step area
+    mean_counts: float | None = None
 
     @property
     def window_A(self) -> float:
         return self.detector_px * self.pixel_size_A
+
+    @property
+    def counts_per_pattern(self) -> float:
+        """Mean counts per pattern (e): measured, or the dose times the scan-step area."""
+        return self.mean_counts if self.mean_counts is not None else self.dose_e_per_A2 * self.scan_step_A ** 2
+
+    def train_counts(self, validation_fraction: float) -> float:
+        """The counts of a stage's training positions (those not held out: ``split_validation``'s
+        ``round(fraction × n_positions)`` are), the ``N`` of LM's objective ``Phi = sum (a - sqrt(d))^2 / N``."""
+        held = int(round(validation_fraction * self.n_positions))
+        return self.counts_per_pattern * (self.n_positions - held)
 
     def names(self) -> dict[str, float]:
         """Every name an expression may use (thickness_A is 0 when unknown)."""
@@ -139,6 +160,7 @@ class DataFacts:
             "auto_slices": auto_slices(self.thickness_A, self.energy_kv, self.convergence_mrad),
             "auto_slice_thickness_A": slice_thickness_bound_A(self.energy_kv, self.convergence_mrad),
             "auto_probe_modes": auto_probe_modes(self.dose_e_per_A2), "dose_factor": dose_factor(self.dose_e_per_A2),
+            "total_counts": self.counts_per_pattern * self.n_positions,
         }
 
     def record(self) -> dict:
@@ -176,7 +198,8 @@ def facts_from_metadata(meta: dict, *, pixel_size_A: float, detector_px: int, n_
                      defocus_A=float(meta.get("defocus_A") or 0.0),
                      thickness_A=None if thickness is None else float(thickness), dose_e_per_A2=dose,
                      scan_step_A=max(step_y, step_x), pixel_size_A=float(pixel_size_A), detector_px=int(detector_px),
-                     n_positions=int(n_positions), notes=tuple(notes))
+                     n_positions=int(n_positions), notes=tuple(notes),
+                     mean_counts=float(mean_counts) if mean_counts is not None and mean_counts > 0 else None)
 
 
 # ---------------------------------------------------------------- resolving a plan record
@@ -259,6 +282,19 @@ def resolve_record(record: dict, facts: DataFacts, source: str = "plan") -> tupl
                                             f"{where}.iterations")
             notes.append(f"stages[{i}].iterations: {stage['iterations']} ({stage.get('name')}, "
                          f"{local['n_batches']} batches per iteration)")
+        local["iterations"] = stage.get("iterations") if isinstance(stage.get("iterations"), int) else 0
+        fraction = stage.get("validation_fraction", 0.0)
+        local["train_counts"] = facts.train_counts(fraction if isinstance(fraction, (int, float)) else 0.0)
+        for lname, loss in (stage.get("losses") or {}).items():
+            lwhere = f"{where}.losses.{lname}"
+            if has_rules(loss):
+                notes.append(f"stages[{i}].losses.{lname}: {{rule}} (train_counts {local['train_counts']:.4g}, "
+                             f"iterations {local['iterations']})".replace("{rule}", _loss_text(loss, local, lwhere)))
+            if is_rule(loss):
+                stage["losses"][lname] = float(_value(loss, local, lwhere, None))
+            elif isinstance(loss, dict):
+                for key in ("weight", "sigma_rad"):
+                    _resolve_schedule(loss, key, local, f"{lwhere}.{key}")
         engine = stage.get("engine", "gradient")
         for param, opt in (stage.get("optimize") or {}).items():
             if isinstance(opt, dict) and is_rule(opt.get("lr")):
@@ -275,6 +311,34 @@ def resolve_record(record: dict, facts: DataFacts, source: str = "plan") -> tupl
                 stage[key] = _value(value, local, f"{where}.{key}", None)
     _no_rules_left(out, source)
     return out, notes
+
+
+def _loss_text(loss, names, where) -> str:
+    """The resolved numbers of a loss with rules, for the plan's notes."""
+    resolved = copy.deepcopy({"weight": loss} if not isinstance(loss, dict) else loss)
+    for key in ("weight", "sigma_rad"):
+        _resolve_schedule(resolved, key, names, f"{where}.{key}")
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
+                     f"{k} " + " ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+                     for k, v in resolved.items() if isinstance(v, (float, dict)))
+
+
+def _resolve_schedule(container: dict, key: str, names: dict, where: str) -> None:
+    """``container[key]``, a number or a schedule mapping, with its expressions evaluated."""
+    value = container.get(key)
+    if is_rule(value):
+        container[key] = float(_value(value, names, where, None))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if is_rule(v):
+                number = _value(v, names, f"{where}.{k}", None)
+                value[k] = _integral(number, f"{where}.{k}") if k.endswith("_iter") else float(number)
+        for i, point in enumerate(value.get("points") or []):
+            if isinstance(point, (list, tuple)) and len(point) == 2:
+                it, v = point
+                w = f"{where}.points[{i}]"
+                value["points"][i] = [_integral(_value(it, names, w, None), w) if is_rule(it) else it,
+                                      float(_value(v, names, w, None)) if is_rule(v) else v]
 
 
 def _value(value, names, where, auto):

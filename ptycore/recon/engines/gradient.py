@@ -38,6 +38,13 @@ class GradientEngine(Engine):
         self.optimize = {**stage.optimize, **{net.labels[0]: net.cfg for net in self.networks}}
         self.parameters = Parameters(self.names, state, self.networks)
         self.optimizer = stage_optimizer(self.optimize, self.names)
+        prior = stage.losses.get("prior")
+        #: ``denoise_every`` > 1: the RED target is computed on the host's call every that many
+        #: iterations (and on the first one run, e.g. after a resume) and held in between
+        self.denoise_every = prior.denoise_every if prior is not None else 1
+        self._held_target = None
+        if self.denoise_every > 1:
+            self._red_target = jax.jit(self.problem.prior_target)
 
     def init_carry(self, state: State):
         carried = self.parameters.carried(state)
@@ -88,7 +95,9 @@ class GradientEngine(Engine):
 
     def _iteration_impl(self, carry, measured, batches, masks, val_batches, val_masks, hyper):
         # the RED target: the object as the iteration begins, denoised once, held over the batches
-        prior_target = self.problem.prior_target(carry[0], hyper["prior_sigma_rad"])
+        # (with denoise_every > 1: the one the host computed at the last renewal, see iteration)
+        prior_target = hyper["prior_target"] if "prior_target" in hyper else \
+            self.problem.prior_target(carry[0], hyper["prior_sigma_rad"])
 
         def step(carry, batch):
             state, carried, opt = carry
@@ -109,10 +118,18 @@ class GradientEngine(Engine):
         return (state, carried, opt), out
 
     # ------------------------------------------------------------ per-iteration host side
+    def iteration(self, carry, it: int):
+        if self.denoise_every > 1 and (self._held_target is None or it % self.denoise_every == 0):
+            self._held_target = self._red_target(carry[0], self.prior_sigma(it))
+        return super().iteration(carry, it)
+
     def hyper(self, it: int) -> dict:
-        return {
+        out = {
             **stage_hyper(self.optimize, self.names, it),
             "weights": {n: jnp.float32(loss.weight.at(it)) for n, loss in self.stage.losses.items()},
             "constraints": self.constraint_flags(it),
             "prior_sigma_rad": self.prior_sigma(it),
         }
+        if self._held_target is not None:
+            out["prior_target"] = self._held_target
+        return out
