@@ -114,6 +114,15 @@ def test_damped_step_equals_dense_normal_equations(x64):
     dense = np.linalg.solve(system, -np.asarray(ravel_pytree(grad)[0]))
     np.testing.assert_allclose(np.asarray(ravel_pytree(step)[0]), dense, rtol=1e-6, atol=1e-8 * np.abs(dense).max())
     assert int(k) < 500
+    # damping_floor f: each parameter's damping scale is max(D, f max D) (its weakly lit pixels damped more)
+    floored = _engine(state, measurement, optimize, cg_iterations=500, cg_tolerance=1e-12, damping_floor=0.2)
+    step_f, _, _ = floored.solve(params, state, grad, scale, damping, jax.tree_util.tree_map(jnp.zeros_like, params),
+                                 active, measurement.intensities, idx, mask)
+    d_floor = np.asarray(ravel_pytree({n: np.maximum(x, 0.2 * np.max(x)) for n, x in scale.items()})[0])
+    dense_f = np.linalg.solve(system + damping * np.diag(d_floor - d_flat), -np.asarray(ravel_pytree(grad)[0]))
+    np.testing.assert_allclose(np.asarray(ravel_pytree(step_f)[0]), dense_f, rtol=1e-6,
+                               atol=1e-8 * np.abs(dense_f).max())
+    assert np.abs(dense_f - dense).max() > 1e-3 * np.abs(dense).max()  # the floor changes the step
 
 
 def test_step_agrees_with_lineax_least_squares(x64):

@@ -67,13 +67,11 @@ def thick(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lm_plan_reaches_the_gradient_plan_on_multislice_srtio3(thick):
-    """The LM plan (20 gradient iterations, then 20 LM steps) recovers 4 unit cells to SSIM >= 0.95
+    """The LM plan (ePIE single-slice start, then 8 LM steps) recovers 4 unit cells to SSIM >= 0.95
     and within 0.03 of the gradient plan after its 200 iterations (multislice-study), on the same
-    data and start. Issue 16 asks for at least the gradient plan's SSIM: that held (0.914 against
-    0.910 on the 16x16 scan of bench/lm_ladder.py) while the propagator was band-limited to 2/3
-    of Nyquist; since the whole detector is modelled the gradient plan reaches 0.991 on this set
-    and the LM plan 0.988 (0.983 on the 16x16 ladder set: the LM steps gain little over their warm
-    start, see the README), so the issue's criterion is not met and this test states what is."""
+    data and start. On the 16x16 set of bench/lm_ladder.py it ends above the gradient plan (0.995
+    against 0.991, README); the margin keeps this 12x12 check from failing on a rounding-level
+    difference between two plans that both end near 0.99."""
     sim, run = thick
     ssim = {}
     for plan in ("multislice-study", "lm-multislice"):

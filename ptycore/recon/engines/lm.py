@@ -16,7 +16,12 @@ counts; see :mod:`ptycore.recon.problem`). One outer step (one compiled call):
    ``jax.linear_transpose``, so memory stays one batch), solved by preconditioned conjugate
    gradients: Jacobi preconditioner ``(1 + lambda) D`` (on by default), warm start from the
    previous step, forcing tolerance ``|r| <= tol |g|``, at most ``cg_iterations`` iterations.
-   Without ``marquardt`` the damping matrix is the identity times the mean of ``D``.
+   Without ``marquardt`` the damping matrix is the identity times the mean of ``D``. With
+   ``damping_floor`` f > 0 each parameter's damping scale is ``max(D, f max D)``: Marquardt's
+   diagonal alone damps a weakly lit pixel (the field's edge; depth-alternating patterns between
+   slices) only by its own tiny curvature, so one step can move it by radians; the floor damps it
+   as at least the fraction f of the best-lit ones, as rPIE regularises ePIE's denominator
+   (Maiden et al., Optica 4, 736 (2017)).
 3. **Gain ratio** ``rho = (Phi(x) - Phi(x + d)) / (-g.d - d.G.d / 2)``: the step is accepted if
    ``rho > 1e-4`` (then the constraints that are due are applied), else the parameters stay
    exactly as they were; the damping is multiplied by 4 when ``rho < 0.25`` (or on rejection)
@@ -269,6 +274,8 @@ class LMEngine(Engine):
             damp = jax.tree_util.tree_map(lambda x: jnp.full_like(x, mean), scale)
         # pixels no probe reaches have D = 0: a small floor keeps the damped system definite there
         floor = 1e-6 * jnp.max(jnp.stack([jnp.max(x) for x in damp.values()]))
+        if self.options.damping_floor > 0:  # each parameter's weakly lit pixels: at least f of its largest
+            damp = {n: jnp.maximum(x, self.options.damping_floor * jnp.max(x)) for n, x in damp.items()}
         damp = jax.tree_util.tree_map(lambda x: jnp.maximum(x, floor), damp)
 
         def matvec(v):

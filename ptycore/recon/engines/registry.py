@@ -58,6 +58,9 @@ class LMOptions(EngineOptions):
     cg_tolerance: float = Field(default=0.1, gt=0, lt=1, description="forcing tolerance: stop at |r| <= tol |g|")
     preconditioner: bool = Field(default=True, description="Jacobi preconditioner from the illumination")
     marquardt: bool = Field(default=True, description="damp by the diagonal (Marquardt scaling), not the identity")
+    damping_floor: float = Field(
+        default=0.0, ge=0, lt=1, description="smallest damping scale, as a fraction of each parameter's largest "
+        "(rPIE-like: weakly lit pixels are damped as a lit one by that fraction; 0: Marquardt's diagonal only)")
 
 
 class DPSOptions(EngineOptions):
