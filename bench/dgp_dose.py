@@ -14,7 +14,9 @@ Methods:
 
 - ``dgp-lowdose``: the shipped plan (pixel warm start, DGP with identical slices, DGP free slices);
 - ``pixel-lowdose``: the same stages, iterations, losses and position refinement with pixels in
-  place of the networks (object phase and probe by Adam at the warm start's rates);
+  place of the networks (object phase by Adam at the warm start's rate, the probe at lr 0.005
+  from the probe network's onset);
+- ``pixel-fixed-probe``: the same with the probe kept as it comes in (as the warm start keeps it);
 - ``default``: the shipped adaptive default plan (resolved from the data as ``reconstruct`` does).
 
 The pixel methods' last stage runs ``--pixel-extend`` × longer, so that their curves reach the
@@ -22,7 +24,7 @@ DGP plan's wall time: "equal iterations" reads a pixel curve at the DGP plan's i
 (for ``default``: its own iterations), "equal time" at the DGP plan's wall seconds. The s/iter
 of every stage (median of ``history/s_per_iter``, first iteration excluded) gives the network's
 overhead. Writes ``dgp_dose.md`` (tables), ``dgp_dose.png`` and ``dgp_dose.json`` to --out; every
-run is cached there (``<dataset>/<method>.json``).
+run is cached there (``<dataset>/<method>-<plan hash>-....json``: a changed plan runs again).
 
     python bench/dgp_dose.py                                   # 2 u.c., 1e5 1e4 1e3 1e2, 16x16, 48 px
     python bench/dgp_dose.py --cells 2 8 --dose 1e3 --scan 16 --detector-px 48
