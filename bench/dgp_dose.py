@@ -14,7 +14,9 @@ Methods:
 
 - ``dgp-lowdose``: the shipped plan (pixel warm start, DGP with identical slices, DGP free slices);
 - ``pixel-lowdose``: the same stages, iterations, losses and position refinement with pixels in
-  place of the networks (object phase and probe by Adam at the warm start's rates);
+  place of the networks (object phase by Adam at the warm start's rate, the probe at lr 0.005
+  from the probe network's onset);
+- ``pixel-fixed-probe``: the same with the probe kept as it comes in (as the warm start keeps it);
 - ``default``: the shipped adaptive default plan (resolved from the data as ``reconstruct`` does).
 
 The pixel methods' last stage runs ``--pixel-extend`` × longer, so that their curves reach the
@@ -22,11 +24,12 @@ DGP plan's wall time: "equal iterations" reads a pixel curve at the DGP plan's i
 (for ``default``: its own iterations), "equal time" at the DGP plan's wall seconds. The s/iter
 of every stage (median of ``history/s_per_iter``, first iteration excluded) gives the network's
 overhead. Writes ``dgp_dose.md`` (tables), ``dgp_dose.png`` and ``dgp_dose.json`` to --out; every
-run is cached there (``<dataset>/<method>.json``).
+run is cached there (``<dataset>/<method>-<plan hash>-....json``: a changed plan runs again).
 
     python bench/dgp_dose.py                                   # 2 u.c., 1e5 1e4 1e3 1e2, 16x16, 48 px
     python bench/dgp_dose.py --cells 2 8 --dose 1e3 --scan 16 --detector-px 48
     python bench/dgp_dose.py --demo                            # also the `make demo` low-dose set
+    python bench/dgp_dose.py --demo-only                       # only that set
     python bench/dgp_dose.py --from-json results/bench/dgp-dose/dgp_dose.json   # tables + figure only
 
 Timings vary ±35 % between runs on a shared machine: compare methods within one run.
@@ -45,32 +48,37 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plans import prepare  # noqa: E402  (bench/plans.py: simulate → ingest → preprocess → init)
+from plans import CONVERGENCE_MRAD, prepare  # noqa: E402  (bench/plans.py: simulate → ingest → preprocess → init)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the `make demo` low-dose dataset (config/config.yaml's srtio3-2cells-lowdose)
 DEMO = {"cells": 2, "dose": 1e4, "scan": 20, "detector_px": 48, "seed": 2}
 
 
-def dataset(out: Path, cells: int, dose: float, scan: int, detector_px: int, seed: int) -> Path:
-    d = out / f"sto-{cells}uc-{dose:.0e}-scan{scan}-px{detector_px}-seed{seed}"
+def dataset(out: Path, cells: int, dose: float, scan: int, detector_px: int, seed: int, kv: float = 300,
+            defocus_A: float = 150) -> Path:
+    """The simulated set (cached in ``out``); kV other than 300 with the convergence of bench/plans.py."""
+    other = ("" if kv == 300 else f"-{kv:g}kv") + ("" if defocus_A == 150 else f"-df{defocus_A:g}")
+    d = out / f"sto-{cells}uc-{dose:.0e}-scan{scan}-px{detector_px}-seed{seed}{other}"
     return prepare(d, ["--cells-z", str(cells), "--dose", str(dose), "--scan-shape", str(scan), str(scan),
-                       "--detector-px", str(detector_px), "--seed", str(seed)])
+                       "--detector-px", str(detector_px), "--seed", str(seed), "--energy-kv", str(kv),
+                       "--convergence-mrad", str(CONVERGENCE_MRAD.get(int(kv), 21.4)), "--defocus-A", str(defocus_A)])
 
 
-def pixel_twin(record: dict) -> dict:
-    """``dgp-lowdose``'s stages with pixels for the networks: object phase and probe by Adam at
-    the warm start's learning rates (probe onset as the network's), everything else unchanged."""
+def pixel_twin(record: dict, *, probe: bool = True) -> dict:
+    """``dgp-lowdose``'s stages with pixels for the networks: the object phase by Adam at the warm
+    start's rate; the probe (``probe``) by Adam at lr 0.005 from the network's onset, or (not
+    ``probe``) kept as it comes in, as the warm start keeps it; everything else unchanged."""
     twin = copy.deepcopy(record)
-    twin["name"] = "pixel-lowdose"
+    twin["name"] = "pixel-lowdose" if probe else "pixel-fixed-probe"
     warm = next(s for s in twin["stages"] if "object" not in s and "probe" not in s)["optimize"]
     for stage in twin["stages"]:
-        obj, probe = stage.pop("object", None), stage.pop("probe", None)
+        obj, net = stage.pop("object", None), stage.pop("probe", None)
         opt = stage.setdefault("optimize", {})
         if obj is not None:
             opt["object_phase"] = dict(warm["object_phase"])
-        if probe is not None:
-            opt["probe"] = {**warm["probe"], "start": probe.get("start", 0)}
+        if net is not None and probe:
+            opt["probe"] = {**warm.get("probe", {"optimizer": "adam", "lr": 0.005}), "start": net.get("start", 0)}
     return twin
 
 
@@ -80,7 +88,7 @@ def plans(pixel_extend: float, dgp_plan: Path, network: tuple[int, int] | None =
     from ptycore.plan import load_plan, parse_plan
 
     dgp_record = yaml.safe_load(dgp_plan.read_text())
-    twin = pixel_twin(dgp_record)
+    twin, fixed = pixel_twin(dgp_record), pixel_twin(dgp_record, probe=False)
     if network is not None:
         for stage in dgp_record["stages"]:
             for field in ("object", "probe"):
@@ -88,6 +96,7 @@ def plans(pixel_extend: float, dgp_plan: Path, network: tuple[int, int] | None =
                     stage[field].update(levels=network[0], filters=network[1])
     return {"dgp-lowdose": (parse_plan(dgp_record, dgp_plan.stem), 1.0),
             "pixel-lowdose": (parse_plan(twin, "pixel-lowdose"), pixel_extend),
+            "pixel-fixed-probe": (parse_plan(fixed, "pixel-fixed-probe"), pixel_extend),
             "default": (load_plan(ROOT / "config/plans/default.yaml"), pixel_extend)}
 
 
@@ -155,17 +164,21 @@ def at(points, *, iteration=None, seconds=None):
     return point, points[-1][key] < limit - 1e-9 and point is points[-1]
 
 
+#: the pixel methods the DGP plan is compared with
+PIXEL_METHODS = ("pixel-lowdose", "pixel-fixed-probe", "default")
+
+
 def summarise(name: str, runs: dict) -> dict:
     dgp = runs["dgp-lowdose"]
     d_point = at(dgp["points"], iteration=dgp["nominal_iterations"])[0]
     row = {"data": name, "dgp": {"ssim": d_point[2], "info_A": d_point[3], "seconds": d_point[0],
                                  "iterations": d_point[1], "s_per_iter": dgp["s_per_iter"],
                                  "pretrain": dgp["pretrain"]}}
-    for method in ("pixel-lowdose", "default"):
+    for method in PIXEL_METHODS:
         if method not in runs:
             continue
         r = runs[method]
-        iters = dgp["nominal_iterations"] if method == "pixel-lowdose" else r["nominal_iterations"]
+        iters = r["nominal_iterations"] if method == "default" else dgp["nominal_iterations"]
         p_it, _ = at(r["points"], iteration=iters)
         p_t, short = at(r["points"], seconds=d_point[0])
         row[method] = {"equal_iterations": {"ssim": p_it[2], "info_A": p_it[3], "seconds": p_it[0],
@@ -180,8 +193,9 @@ def summarise(name: str, runs: dict) -> dict:
 def tables(rows) -> str:
     head = ("| data | DGP SSIM | pixel twin SSIM (equal it) | pixel twin SSIM (equal time) | default SSIM (own it) "
             "| default SSIM (equal time) | DGP info limit Å | pixel twin info limit Å (equal it / time) | "
-            "default info limit Å (own it / equal time) | DGP s | goal met |")
-    lines = [head, "|" + "---|" * 11]
+            "default info limit Å (own it / equal time) | fixed-probe twin SSIM (equal it / time) | "
+            "fixed-probe twin info limit Å (equal it / time) | DGP s | goal met |")
+    lines = [head, "|" + "---|" * 13]
 
     def f(v, fmt=".3f"):
         return "—" if v is None or not np.isfinite(v) else format(v, fmt)
@@ -190,8 +204,8 @@ def tables(rows) -> str:
         return "—" if m is None else f(m[k]["ssim"]) + ("*" if m[k].get("curve_ended_early") else "")
 
     for row in rows:
-        g, px, de = row["dgp"], row.get("pixel-lowdose"), row.get("default")
-        pixel = [m[k] for m in (px, de) if m for k in ("equal_time", "equal_iterations")]
+        g, px, de, fx = row["dgp"], row.get("pixel-lowdose"), row.get("default"), row.get("pixel-fixed-probe")
+        pixel = [m[k] for m in (px, de, fx) if m for k in ("equal_time", "equal_iterations")]
         goal = bool(pixel) and (g["ssim"] >= max(p["ssim"] for p in pixel) + 0.1
                                 and g["info_A"] <= 0.8 * min(p["info_A"] for p in pixel))
         lines.append(
@@ -200,6 +214,8 @@ def tables(rows) -> str:
             f" it) | {cell(de, 'equal_time')} | {f(g['info_A'], '.2f')} | "
             f"{px and f(px['equal_iterations']['info_A'], '.2f')} / {px and f(px['equal_time']['info_A'], '.2f')} | "
             f"{de and f(de['equal_iterations']['info_A'], '.2f')} / {de and f(de['equal_time']['info_A'], '.2f')} | "
+            f"{cell(fx, 'equal_iterations')} / {cell(fx, 'equal_time')} | "
+            f"{fx and f(fx['equal_iterations']['info_A'], '.2f')} / {fx and f(fx['equal_time']['info_A'], '.2f')} | "
             f"{g['seconds']:.0f} | {'yes' if goal else 'no'} |")
     lines += ["", "| data | stage | DGP s/iter | pixel twin s/iter | overhead |", "|---|---|---|---|---|"]
     for row in rows:
@@ -266,8 +282,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", type=int, default=16, help="scan positions per side (default 16)")
     ap.add_argument("--detector-px", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated Poisson noise")
+    ap.add_argument("--kv", type=float, default=300, help="beam energy (200: 24 mrad convergence, as bench/plans.py)")
+    ap.add_argument("--defocus-A", type=float, default=150)
     ap.add_argument("--demo", action="store_true", help="also the `make demo` low-dose dataset (2 u.c., 1e4, 20x20)")
-    ap.add_argument("--methods", nargs="+", default=["dgp-lowdose", "pixel-lowdose", "default"])
+    ap.add_argument("--demo-only", action="store_true", help="only the `make demo` low-dose dataset")
+    ap.add_argument("--methods", nargs="+", default=["dgp-lowdose", "pixel-lowdose", "pixel-fixed-probe", "default"])
     ap.add_argument("--dgp-plan", type=Path, default=ROOT / "config/plans/dgp-lowdose.yaml",
                     help="the DGP plan (its pixel twin is derived from it)")
     ap.add_argument("--network", type=int, nargs=2, metavar=("LEVELS", "FILTERS"),
@@ -287,18 +306,19 @@ def main(argv=None) -> int:
         raise SystemExit("--methods must include dgp-lowdose (the others are read at its iterations and time)")
     args.out.mkdir(parents=True, exist_ok=True)
     methods = plans(args.pixel_extend, args.dgp_plan, args.network)
-    sets = [(c, dose, args.scan, args.detector_px, args.seed) for c in args.cells for dose in args.dose]
-    if args.demo:
+    sets = [] if args.demo_only else [(c, dose, args.scan, args.detector_px, args.seed)
+                                      for c in args.cells for dose in args.dose]
+    if args.demo or args.demo_only:
         sets.append((DEMO["cells"], DEMO["dose"], DEMO["scan"], DEMO["detector_px"], DEMO["seed"]))
     tag = args.dgp_plan.stem + ("" if args.network is None else "-L{}F{}".format(*args.network))
     rows, curves = [], []
     for cells, dose, scan, px, seed in sets:
-        d = dataset(args.out, cells, dose, scan, px, seed)
+        demo = (cells, dose, scan, px, seed) == tuple(DEMO.values())
+        d = dataset(args.out, cells, dose, scan, px, seed, *((300, 150) if demo else (args.kv, args.defocus_A)))
         runs = {}
         for method in args.methods:
-            label = {"dgp-lowdose": tag, "default": "default"}.get(method, "pixel-lowdose" if args.dgp_plan.stem ==
-                                                                   "dgp-lowdose" else f"pixel-{args.dgp_plan.stem}")
-            cache = d / f"{label}-x{methods[method][1]:g}-every{args.every}.json"
+            label = {"dgp-lowdose": tag}.get(method, method)  # the plan's hash: a changed plan runs again
+            cache = d / f"{label}-{methods[method][0].hash()[7:15]}-x{methods[method][1]:g}-every{args.every}.json"
             if cache.exists():
                 runs[method] = json.loads(cache.read_text())
             else:
@@ -307,11 +327,13 @@ def main(argv=None) -> int:
                 cache.write_text(json.dumps(runs[method]))
                 print(f"{d.name} {method}: SSIM {runs[method]['points'][-1][2]:.3f} "
                       f"({time.perf_counter() - t0:.0f} s with evaluation)", file=sys.stderr, flush=True)
-        name = f"{cells} u.c., {dose:.0e} e/Å², {scan}×{scan}, {px} px" + (", seed 2 (demo)" if seed == 2 else "")
+        name = f"{cells} u.c., {dose:.0e} e/Å², {scan}×{scan}, {px} px" + (", seed 2 (demo)" if demo else "")
+        if not demo and (args.kv != 300 or args.defocus_A != 150 or args.seed != 0):
+            name += f", {args.kv:g} kV, {args.defocus_A:g} Å defocus, seed {seed}"
         if args.network is not None:
             name += ", DGP {} levels/{} filters".format(*args.network)
         row = summarise(name, runs)
-        row["dose"], row["cells"], row["demo"] = dose, cells, seed == DEMO["seed"] and scan == DEMO["scan"]
+        row["dose"], row["cells"], row["demo"] = dose, cells, demo
         rows.append(row)
         curves.append(runs)
     text = tables(rows)

@@ -40,7 +40,7 @@ CLAIMS = {
     "lsqml-then-gradient": lambda cells, dose: cells <= 4 and dose >= 1e5,
     "multislice-study": lambda cells, dose: cells >= 4 and dose >= 1e5,
     "lm-multislice": lambda cells, dose: 4 <= cells <= 6 and dose >= 1e5,
-    "dgp-lowdose": lambda cells, dose: dose <= 1e4,
+    "dgp-lowdose": lambda cells, dose: cells <= 2 and dose <= 1e4,
 }
 
 
