@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 PTYRAD_CHECK = "import ptyrad.solver"
+# where PtyRAD 1.0 keeps what a quality comparison needs in its model_iter*.hdf5
+MODEL_KEYS = {"objp": "optimizable_tensors/objp", "obja": "optimizable_tensors/obja",
+              "crop_pos": "model_attributes/crop_pos", "pos_shifts": "optimizable_tensors/probe_pos_shifts"}
 
 
 def _imports_ptyrad(python: str) -> bool:
@@ -104,21 +107,34 @@ def time_ptycore(args, case: dict, dp) -> dict:
 
 
 # ---------------------------------------------------------------- PtyRAD side (runs in PtyRAD's interpreter)
+def _scan(spec: dict) -> tuple[int, int]:
+    """(scan_y, scan_x) from ``spec["scan"]``: one side of a square scan or [scan_y, scan_x]."""
+    scan = spec["scan"]
+    return (scan, scan) if isinstance(scan, int) else (int(scan[0]), int(scan[1]))
+
+
 def ptyrad_params(spec: dict, work: Path) -> dict:
     """PtyRAD 1.0 parameters for the case: its Adam on object amplitude and phase and the probe
     from the first iteration, positions fixed, amplitude loss, mode orthogonalisation."""
-    n_pos, n = spec["n_pos"], spec["detector_px"]
+    n, (scan_y, scan_x) = spec["detector_px"], _scan(spec)
+    n_pos = scan_y * scan_x
 
     def update(lr):
         return {"start_iter": 1 if lr else None, "lr": lr, "end_iter": None}
 
     every = {"start_iter": 1, "step": 1, "end_iter": None}
+    constraints = {"ortho_pmode": every}
+    if spec.get("object_constraints"):  # PtyRAD's usual multislice regularisation, for a quality comparison
+        constraints.update(
+            fix_probe_int=every,
+            obj_zblur={**every, "obj_type": "both", "kernel_size": 5, "std": 1},
+            obja_thresh={**every, "relax": 0, "thresh": [0.96, 1.04]})
     return {
         "init_params": {
             "probe_kv": spec["kv"], "probe_conv_angle": spec["conv_mrad"],
             "probe_aberrations": {"C10": -spec["defocus_A"]},  # ptycore's defocus_A is -C10
             "probe_pmode_max": spec["modes"], "meas_Npix": n, "pos_N_scans": n_pos,
-            "pos_N_scan_slow": spec["scan"], "pos_N_scan_fast": spec["scan"], "pos_scan_step_size": spec["step_A"],
+            "pos_N_scan_slow": scan_y, "pos_N_scan_fast": scan_x, "pos_scan_step_size": spec["step_A"],
             "pos_scan_affine": None, "pos_scan_rand_std": 0,
             "meas_calibration": {"mode": "dx", "value": spec["pixel_A"]},
             "obj_Nlayer": spec["slices"], "obj_slice_thickness": spec["thickness_A"] / spec["slices"],
@@ -130,7 +146,7 @@ def ptyrad_params(spec: dict, work: Path) -> dict:
             "update_params": {"obja": update(spec["lr_object"]), "objp": update(spec["lr_object"]),
                               "probe": update(spec["lr_probe"]), "probe_pos_shifts": update(0)}},
         "loss_params": {"loss_single": {"state": True, "weight": 1.0, "dp_pow": 0.5}},
-        "constraint_params": {"ortho_pmode": every},
+        "constraint_params": constraints,
         "recon_params": {
             "NITER": spec["iterations"], "BATCH_SIZE": {"size": spec["batch"], "grad_accumulation": 1},
             "SAVE_ITERS": spec["iterations"], "output_dir": str(work) + "/", "recon_dir_affixes": ["default"],
@@ -165,19 +181,41 @@ def run_ptyrad(spec_path: str) -> None:
     model = sorted(glob.glob(str(work / "**" / "model_iter*.hdf5"), recursive=True))[-1]
     with h5py.File(model, "r") as f:
         times = np.asarray(f["iter_times"][()], float)
+        if spec.get("save_object"):
+            save_object(f, spec, work)
     print(json.dumps({"s_per_iter": float(np.median(times[1:])), "first_iter_s": float(times[0])}))
+
+
+def save_object(f, spec: dict, work: Path) -> None:
+    """``work/object.npz``: PtyRAD's object phase and amplitude (object modes, slices, y, x) and the
+    probe centres (n_pos, 2) in pixels of its object grid, y first (probe window corners plus half
+    the window plus the refined sub-pixel shifts)."""
+    import numpy as np
+
+    n = spec["detector_px"]
+    corners = np.asarray(f[MODEL_KEYS["crop_pos"]][()], float)
+    shifts = np.asarray(f[MODEL_KEYS["pos_shifts"]][()], float) if MODEL_KEYS["pos_shifts"] in f else 0.0
+    np.savez(work / "object.npz", objp=np.asarray(f[MODEL_KEYS["objp"]][()]),
+             obja=np.asarray(f[MODEL_KEYS["obja"]][()]), probe_centres_px=corners + shifts + n // 2)
+
+
+def solve_ptyrad(python: str, spec: dict, work: Path) -> dict:
+    """Run PtyRAD on ``work/dp.npy`` in its interpreter (``run_ptyrad``); its {"s_per_iter", "first_iter_s"}."""
+    spec = {**spec, "work": str(work)}
+    (work / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run([python, __file__, "--ptyrad-driver", str(work / "spec.json")], capture_output=True,
+                         text=True, timeout=6 * 3600)
+    (work / "ptyrad.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        raise SystemExit(f"PtyRAD failed (exit {run.returncode}, log {work / 'ptyrad.log'}):\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def time_ptyrad(python: str, args, work: Path) -> dict:
     spec = {k: getattr(args, k) for k in ("scan", "step_A", "detector_px", "pixel_A", "kv", "conv_mrad", "defocus_A",
                                           "modes", "slices", "thickness_A", "batch", "iterations", "threads")}
-    spec.update(n_pos=args.scan**2, lr_object=5e-4, lr_probe=1e-4, work=str(work))
-    (work / "spec.json").write_text(json.dumps(spec))
-    run = subprocess.run([python, __file__, "--ptyrad-driver", str(work / "spec.json")], capture_output=True,
-                         text=True, timeout=3600)
-    if run.returncode != 0:
-        raise SystemExit(f"PtyRAD failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    spec.update(lr_object=5e-4, lr_probe=1e-4)
+    return solve_ptyrad(python, spec, work)
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,14 @@ What it reports (all from ``ptycore evaluate``):
     python bench/prior_ladder.py --grid-check 12                  # the prior's grid on real data
     python bench/prior_ladder.py --cells 12 --checkpoint OUT.partial/checkpoints/lm.npz   # one stage's state
     python bench/prior_ladder.py --from-json results/bench/prior-ladder/prior-ladder.json
+    python bench/prior_ladder.py --cells 12 16 --methods ptyrad --ptyrad-python /tmp/peers-venv/bin/python
+
+Method ``ptyrad`` runs PtyRAD (not a dependency: its own environment, see ``bench/peers.md``) on the
+same prepared patterns (``prepared.zarr``: its pixel size, scan, energy, aperture and defocus, one
+slice per unit cell over the sample's thickness, 2 probe modes, batch 32, its Adam and usual
+object constraints; ``--ptyrad-iterations``), writes its object as ``ptyrad.zarr`` (every slice,
+positions in its object frame) and scores it with the same ``ptycore evaluate``; ``wall s`` is
+PtyRAD's solve and the summary adds its median ``s_per_iter``.
 
 Writes ``prior-ladder.md`` (the table), ``prior-ladder.json`` and ``prior-ladder.png`` (the
 depth-summed phase per method and thickness, the truth in the first column) in ``--out``.
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,13 +97,15 @@ def uses_prior(method: str) -> bool:
     return any("prior" in s.losses or s.engine == "dps" for s in plan.stages)
 
 
-def measure(d: Path, out: Path, method: str, data_only: str | None) -> dict:
+def measure(d: Path, out: Path, method: str, data_only: str | None, peer: dict | None = None) -> dict:
     """Reconstruct and evaluate one method on one thickness (cached in ``out/<name>.json``)."""
     name = method_name(method)
     summary = out / f"{name}.json"
     if summary.exists():
         return json.loads(summary.read_text())
     out.mkdir(parents=True, exist_ok=True)
+    if method == "ptyrad":
+        return measure_ptyrad(d, out, peer or {})
     init = d / "init.zarr"
     base_s = 0.0
     if "+" in method:  # PLAN from BASE's result: BASE runs first (cached), its wall time counts
@@ -114,6 +125,58 @@ def measure(d: Path, out: Path, method: str, data_only: str | None) -> dict:
         cmd += ["--data-only", str(reference)]
     run(cmd)
     return summarise(out, name, wall_s, reference if prior else None)
+
+
+def measure_ptyrad(d: Path, out: Path, peer: dict) -> dict:
+    """PtyRAD on ``d/prepared.zarr`` (see the module docstring), its object written as ``out/ptyrad.zarr``
+    and evaluated like every other method."""
+    import zarr
+    from compare_ptyrad import ptyrad_python, solve_ptyrad
+
+    from ptycore.store import create_store, seal_store, write_array
+
+    python = ptyrad_python(peer.get("python"))
+    if python is None:
+        raise SystemExit("prior_ladder: error: method 'ptyrad' needs PtyRAD: pass --ptyrad-python (see bench/peers.md)")
+    prepared = zarr.open_group(str(d / "prepared.zarr"), mode="r")
+    attrs = dict(prepared.attrs)
+    meta = attrs["metadata"]
+    thickness_A = float(meta["thickness_A"])
+    slices = max(1, round(thickness_A / LATTICE_A))
+    step = meta["scan_step_A"]
+    if abs(step[0] - step[1]) > 1e-9:
+        raise SystemExit(f"prior_ladder: error: {d}/prepared.zarr: scan_step_A {step} is not square (PtyRAD: one step)")
+    work = out / "ptyrad-run"
+    shutil.rmtree(work, ignore_errors=True)  # PtyRAD's model files of an earlier run would be read as this one's
+    work.mkdir(parents=True)
+    np.save(work / "dp.npy", np.asarray(prepared["patterns"][...], np.float32))  # zero frequency at the centre
+    spec = {"scan": list(attrs["scan_shape"]), "step_A": float(step[0]),
+            "detector_px": int(attrs["detector_shape"][-1]), "pixel_A": float(attrs["pixel_size_A"]),
+            "kv": float(meta["energy_kv"]),
+            "conv_mrad": float(meta["convergence_mrad"]), "defocus_A": float(meta["defocus_A"]),
+            "modes": peer.get("modes", 2), "slices": slices, "thickness_A": thickness_A, "batch": peer.get("batch", 32),
+            "iterations": peer.get("iterations", 200), "threads": peer.get("threads", 2),
+            "lr_object": 5e-4, "lr_probe": 1e-4, "object_constraints": True, "save_object": True}
+    t0 = time.perf_counter()
+    timing = solve_ptyrad(python, spec, work)
+    wall_s = time.perf_counter() - t0
+    with np.load(work / "object.npz") as f:
+        phase, amplitude, centres_px = f["objp"], f["obja"], f["probe_centres_px"]
+    result = out / "ptyrad.zarr"
+    group = create_store(result)
+    write_array(group, "object_phase", phase[:1].astype(np.float32))
+    write_array(group, "object_amplitude", amplitude[:1].astype(np.float32))
+    write_array(group, "positions_A", (centres_px * spec["pixel_A"]).astype(np.float32))
+    write_array(group, "slice_thickness_A", np.float32(thickness_A / slices))
+    group.attrs.update({"pixel_size_A": spec["pixel_A"], "made_by": "PtyRAD 1.0 (bench/prior_ladder.py)",
+                        "ptyrad": {**spec, **timing}})
+    seal_store(result)
+    run(["ptycore", "evaluate", "--result", str(result), "--truth", str(d / "sim/truth.zarr"), "--out",
+         str(out / "eval-ptyrad"), "--no-figures", "--quiet", "--overwrite"])
+    row = summarise(out, "ptyrad", wall_s, None)
+    row.update(s_per_iter=timing["s_per_iter"], iterations=spec["iterations"], slices=slices)
+    (out / "ptyrad.json").write_text(json.dumps(row, indent=1))
+    return row
 
 
 def summarise(out: Path, name: str, wall_s: float, reference: Path | None) -> dict:
@@ -308,6 +371,10 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=METHODS, help="shipped plan names or plan YAML paths")
     ap.add_argument("--data-only", default="default",
                     help="the data-only method the prior methods are checked against (run it first)")
+    ap.add_argument("--ptyrad-python", help="Python of an environment with PtyRAD, for method 'ptyrad' "
+                    "(default: $PTYRAD_PYTHON, this one)")
+    ap.add_argument("--ptyrad-iterations", type=int, default=200, help="PtyRAD's iterations (method 'ptyrad')")
+    ap.add_argument("--ptyrad-threads", type=int, default=2, help="PyTorch threads for PtyRAD on the CPU")
     ap.add_argument("--scan", type=int, default=16)
     ap.add_argument("--defocus-A", type=float, default=150.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -330,9 +397,10 @@ def main(argv=None):
         results = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
         for cells in args.cells:
             d = prepare(args.data, cells, args.scan, args.defocus_A, args.seed)
+            peer = {"python": args.ptyrad_python, "iterations": args.ptyrad_iterations, "threads": args.ptyrad_threads}
             rows = results.setdefault(cells, {})
             for method in args.methods:
-                rows[method_name(method)] = measure(d, args.out / f"sto-{cells}", method, args.data_only)
+                rows[method_name(method)] = measure(d, args.out / f"sto-{cells}", method, args.data_only, peer)
                 print(f"{cells} u.c. {method_name(method)}: SSIM {fmt(rows[method_name(method)]['ssim_phase_sum'])}",
                       file=sys.stderr, flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
