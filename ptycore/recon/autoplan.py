@@ -285,16 +285,18 @@ def resolve_record(record: dict, facts: DataFacts, source: str = "plan") -> tupl
         local["iterations"] = stage.get("iterations") if isinstance(stage.get("iterations"), int) else 0
         fraction = stage.get("validation_fraction", 0.0)
         local["train_counts"] = facts.train_counts(fraction if isinstance(fraction, (int, float)) else 0.0)
-        for lname, loss in (stage.get("losses") or {}).items():
+        losses = stage.get("losses") or {}
+        for lname, loss in list(losses.items()):
+            if not has_rules(loss):
+                continue
             lwhere = f"{where}.losses.{lname}"
-            if has_rules(loss):
-                notes.append(f"stages[{i}].losses.{lname}: {{rule}} (train_counts {local['train_counts']:.4g}, "
-                             f"iterations {local['iterations']})".replace("{rule}", _loss_text(loss, local, lwhere)))
-            if is_rule(loss):
-                stage["losses"][lname] = float(_value(loss, local, lwhere, None))
-            elif isinstance(loss, dict):
+            if isinstance(loss, dict):
                 for key in ("weight", "sigma_rad"):
                     _resolve_schedule(loss, key, local, f"{lwhere}.{key}")
+            else:
+                _resolve_schedule(losses, lname, local, lwhere)
+            notes.append(f"stages[{i}].losses.{lname}: {_loss_text(losses[lname])} "
+                         f"(train_counts {local['train_counts']:.4g}, iterations {local['iterations']})")
         engine = stage.get("engine", "gradient")
         for param, opt in (stage.get("optimize") or {}).items():
             if isinstance(opt, dict) and is_rule(opt.get("lr")):
@@ -313,11 +315,9 @@ def resolve_record(record: dict, facts: DataFacts, source: str = "plan") -> tupl
     return out, notes
 
 
-def _loss_text(loss, names, where) -> str:
-    """The resolved numbers of a loss with rules, for the plan's notes."""
-    resolved = copy.deepcopy({"weight": loss} if not isinstance(loss, dict) else loss)
-    for key in ("weight", "sigma_rad"):
-        _resolve_schedule(resolved, key, names, f"{where}.{key}")
+def _loss_text(loss) -> str:
+    """A resolved loss's numbers, for the plan's notes."""
+    resolved = loss if isinstance(loss, dict) else {"weight": loss}
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                      f"{k} " + " ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
                      for k, v in resolved.items() if isinstance(v, (float, dict)))
