@@ -17,10 +17,14 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m ptycore.demo
 
 ## test: set up and pass the tests
-# the tests' processes share one compilation cache of their own (fresh with a fresh .venv)
+# the tests' processes share one compilation cache of their own (fresh with a fresh .venv);
+# PYTEST_WORKERS test files run at once (pytest-xdist; a file's tests stay on one worker, so its
+# module fixtures are built once; 0 runs them all in this process)
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH PTYCORE_COMPILATION_CACHE=$(CURDIR)/$(VENV)/jax-cache \
-	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 $(BIN)/python -m pytest -q -m "not gpu and not mpi and not slurm" ; rc=$$?; \
+	  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2 $(BIN)/python -m pytest -q -m "not gpu and not mpi and not slurm" \
+	  -n $(PYTEST_WORKERS) --dist loadfile ; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: $(STAMP)

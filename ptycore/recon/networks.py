@@ -118,8 +118,15 @@ def _max_pool(x):
 
 
 def parameter_count(tree) -> int:
-    """Trainable numbers in a network (or its weights pytree)."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))))
+    """Trainable numbers in a network (or its weights pytree), built or abstract
+    (``equinox.filter_eval_shape``: shapes only, nothing computed)."""
+
+    def trainable(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+        return eqx.is_inexact_array(x)
+
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(eqx.filter(tree, trainable))))
 
 
 def unet_parameter_count(channels: int, levels: int, filters: int, norm: str = "group") -> int:
