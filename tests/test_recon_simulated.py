@@ -61,8 +61,8 @@ def test_shipped_plan_recovers_simulated_srtio3(prepared, plan, stage, max_itera
 
 @pytest.fixture(scope="module")
 def thick(tmp_path_factory):
-    """SrTiO3 4 unit cells (15.6 Å), 300 kV, 21.4 mrad, dose 1e6 e/Å², 12x12 scan (abTEM)."""
-    return _prepare(tmp_path_factory.mktemp("sto4"), "--cells-z", "4", "--scan-shape", "12", "12")
+    """SrTiO3 4 unit cells (15.6 Å), 300 kV, 21.4 mrad, dose 1e6 e/Å², 10x10 scan (abTEM)."""
+    return _prepare(tmp_path_factory.mktemp("sto4"), "--cells-z", "4", "--scan-shape", "10", "10")
 
 
 @pytest.mark.slow
