@@ -56,11 +56,13 @@ DEMO = {"cells": 2, "dose": 1e4, "scan": 20, "detector_px": 48, "seed": 2}
 
 
 def dataset(out: Path, cells: int, dose: float, scan: int, detector_px: int, seed: int, kv: float = 300,
-            defocus_A: float = 150) -> Path:
+            defocus_A: float = 150, step_A: float = 0.4) -> Path:
     """The simulated set (cached in ``out``); kV other than 300 with the convergence of bench/plans.py."""
-    other = ("" if kv == 300 else f"-{kv:g}kv") + ("" if defocus_A == 150 else f"-df{defocus_A:g}")
+    other = (("" if kv == 300 else f"-{kv:g}kv") + ("" if defocus_A == 150 else f"-df{defocus_A:g}")
+             + ("" if step_A == 0.4 else f"-step{step_A:g}"))
     d = out / f"sto-{cells}uc-{dose:.0e}-scan{scan}-px{detector_px}-seed{seed}{other}"
     return prepare(d, ["--cells-z", str(cells), "--dose", str(dose), "--scan-shape", str(scan), str(scan),
+                       "--scan-step-A", str(step_A),
                        "--detector-px", str(detector_px), "--seed", str(seed), "--energy-kv", str(kv),
                        "--convergence-mrad", str(CONVERGENCE_MRAD.get(int(kv), 21.4)), "--defocus-A", str(defocus_A)])
 
@@ -100,9 +102,11 @@ def plans(pixel_extend: float, dgp_plan: Path, network: tuple[int, int] | None =
             "default": (load_plan(ROOT / "config/plans/default.yaml"), pixel_extend)}
 
 
-def curve(plan, extend: float, d: Path, every: int) -> dict:
+def curve(plan, extend: float, d: Path, every: int, seconds: float | None = None) -> dict:
     """Run ``plan`` (its last stage ``extend`` × longer) from ``d``'s init: points (seconds,
-    iteration, SSIM, information limit Å), the nominal iterations and the s/iter per stage."""
+    iteration, SSIM, information limit Å), the nominal iterations, the s/iter per stage and the
+    images (depth-summed phase over the scanned area) at the nominal iterations, at the last
+    reading at or before ``seconds`` (the DGP plan's time) and at the end."""
     from ptycore.errors import InvalidData
     from ptycore.evaluate import DEFAULT_MARGIN_A, Reconstruction, compare_with_truth, crop_scanned, load_reconstruction
     from ptycore.metrics import information_limit
@@ -118,7 +122,7 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
     nominal = sum(s.iterations for s in plan.stages)
     last = plan.stages[-1]
     stages = list(plan.stages[:-1]) + [last.model_copy(update={"iterations": int(round(last.iterations * extend))})]
-    points, s_per_iter, pretrain = [], {}, {}
+    points, s_per_iter, pretrain, images = [], {}, {}, {}
     clock = {"start": time.perf_counter(), "observer": 0.0, "done": 0}
 
     def measure(st, pixel_A):
@@ -130,7 +134,7 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
             ssim = float("nan")
         scanned, _, _ = crop_scanned(rec, rec.phase_sum, DEFAULT_MARGIN_A)
         info = information_limit(scanned, pixel_A).limit_A if np.ptp(scanned) > 0 else float("nan")
-        return ssim, info
+        return ssim, info, scanned
 
     for index, stage in enumerate(stages):
         pixel = measurement.pixel_size_A * measurement.detector_shape[0] / (stage.resample.detector_px
@@ -141,7 +145,13 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
             n = clock["done"] + it + 1
             if (it + 1) % every == 0 or it + 1 == stage.iterations or n == nominal:
                 wall = t0 - clock["start"] - clock["observer"]
-                points.append((wall, n, *measure(st, pixel)))
+                ssim, info, scanned = measure(st, pixel)
+                points.append((wall, n, ssim, info))
+                images["last"], images["pixel_A"] = scanned, pixel
+                if n == nominal:
+                    images["nominal"] = scanned
+                if seconds is not None and wall <= seconds:
+                    images["equal_time"] = scanned
                 print(f"  {d.name} {plan.name} {stage.name} it {n}: {wall:.0f} s, SSIM {points[-1][2]:.3f}",
                       file=sys.stderr, flush=True)
             clock["observer"] += time.perf_counter() - t0
@@ -152,7 +162,8 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
         s = record.history.get("s_per_iter", [])
         s_per_iter[stage.name] = float(np.median(s[1:] if len(s) > 1 else s))
         pretrain.update({f"{stage.name}/{k}": [v[0], v[-1]] for k, v in (record.pretrain or {}).items() if v})
-    return {"points": points, "nominal_iterations": nominal, "s_per_iter": s_per_iter, "pretrain": pretrain}
+    return {"points": points, "nominal_iterations": nominal, "s_per_iter": s_per_iter, "pretrain": pretrain,
+            "images": images}
 
 
 def at(points, *, iteration=None, seconds=None):
@@ -280,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", type=int, nargs="+", default=[2])
     ap.add_argument("--dose", type=float, nargs="+", default=[1e5, 1e4, 1e3, 1e2])
     ap.add_argument("--scan", type=int, default=16, help="scan positions per side (default 16)")
+    ap.add_argument("--scan-step-A", type=float, default=0.4,
+                    help="scan step (Å); the information limit's rings are 1 / (scanned field + 1 Å) apart")
     ap.add_argument("--detector-px", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated Poisson noise")
     ap.add_argument("--kv", type=float, default=300, help="beam energy (200: 24 mrad convergence, as bench/plans.py)")
@@ -314,7 +327,8 @@ def main(argv=None) -> int:
     rows, curves = [], []
     for cells, dose, scan, px, seed in sets:
         demo = (cells, dose, scan, px, seed) == tuple(DEMO.values())
-        d = dataset(args.out, cells, dose, scan, px, seed, *((300, 150) if demo else (args.kv, args.defocus_A)))
+        geometry = (300, 150, 0.4) if demo else (args.kv, args.defocus_A, args.scan_step_A)
+        d = dataset(args.out, cells, dose, scan, px, seed, *geometry)
         runs = {}
         for method in args.methods:
             label = {"dgp-lowdose": tag}.get(method, method)  # the plan's hash: a changed plan runs again
@@ -323,11 +337,17 @@ def main(argv=None) -> int:
                 runs[method] = json.loads(cache.read_text())
             else:
                 t0 = time.perf_counter()
-                runs[method] = curve(*methods[method], d, args.every)
+                dgp = runs.get("dgp-lowdose")
+                seconds = at(dgp["points"], iteration=dgp["nominal_iterations"])[0][0] if dgp else None
+                runs[method] = curve(*methods[method], d, args.every, seconds)
+                # the depth-summed phase over the scanned area at the nominal iterations and at the end
+                np.savez(cache.with_suffix(".npz"), **runs[method].pop("images"))
                 cache.write_text(json.dumps(runs[method]))
                 print(f"{d.name} {method}: SSIM {runs[method]['points'][-1][2]:.3f} "
                       f"({time.perf_counter() - t0:.0f} s with evaluation)", file=sys.stderr, flush=True)
         name = f"{cells} u.c., {dose:.0e} e/Å², {scan}×{scan}, {px} px" + (", seed 2 (demo)" if demo else "")
+        if not demo and args.scan_step_A != 0.4:
+            name += f", step {args.scan_step_A:g} Å"
         if not demo and (args.kv != 300 or args.defocus_A != 150 or args.seed != 0):
             name += f", {args.kv:g} kV, {args.defocus_A:g} Å defocus, seed {seed}"
         if args.network is not None:
