@@ -179,12 +179,35 @@ def at(points, *, iteration=None, seconds=None):
 PIXEL_METHODS = ("pixel-lowdose", "pixel-fixed-probe", "default")
 
 
+def info_readings(points, iterations: int) -> dict:
+    """Median, min and max of the information-limit readings in the second half of ``iterations``
+    (one reading flips between neighbouring reflection shells when a shell's power is near the
+    threshold; the median of ~8 readings does not)."""
+    v = np.asarray([p[3] for p in points if iterations / 2 < p[1] <= iterations and np.isfinite(p[3])], float)
+    if not len(v):
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def truth_information_limit(d: Path) -> float:
+    """The information limit of the noise-free truth's depth-summed phase over the scanned area:
+    the finest a reconstruction can read on this field (its floor band holds the crystal's own
+    outer reflections, not noise)."""
+    from ptycore.evaluate import DEFAULT_MARGIN_A, crop_scanned, load_reconstruction
+    from ptycore.metrics import information_limit
+
+    truth = load_reconstruction(d / "sim/truth.zarr", role="truth")
+    scanned, _, _ = crop_scanned(truth, truth.phase_sum, DEFAULT_MARGIN_A)
+    return float(information_limit(scanned, truth.pixel_size_A).limit_A)
+
+
 def summarise(name: str, runs: dict) -> dict:
     dgp = runs["dgp-lowdose"]
     d_point = at(dgp["points"], iteration=dgp["nominal_iterations"])[0]
     row = {"data": name, "dgp": {"ssim": d_point[2], "info_A": d_point[3], "seconds": d_point[0],
                                  "iterations": d_point[1], "s_per_iter": dgp["s_per_iter"],
-                                 "pretrain": dgp["pretrain"]}}
+                                 "pretrain": dgp["pretrain"],
+                                 "info_readings": info_readings(dgp["points"], dgp["nominal_iterations"])}}
     for method in PIXEL_METHODS:
         if method not in runs:
             continue
@@ -197,6 +220,7 @@ def summarise(name: str, runs: dict) -> dict:
                        "equal_time": {"ssim": p_t[2], "info_A": p_t[3], "seconds": p_t[0], "iterations": p_t[1],
                                       "curve_ended_early": short},
                        "best": {"ssim": float(np.nanmax([p[2] for p in r["points"]]))},
+                       "info_readings": info_readings(r["points"], iters),
                        "s_per_iter": r["s_per_iter"]}
     return row
 
@@ -228,6 +252,14 @@ def tables(rows) -> str:
             f"{cell(fx, 'equal_iterations')} / {cell(fx, 'equal_time')} | "
             f"{fx and f(fx['equal_iterations']['info_A'], '.2f')} / {fx and f(fx['equal_time']['info_A'], '.2f')} | "
             f"{g['seconds']:.0f} | {'yes' if goal else 'no'} |")
+    lines += ["", "| data | information limit Å, median [min–max] of the readings in the 2nd half of the iterations: "
+              "DGP | pixel twin | fixed-probe twin | default | truth |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = []
+        for m in (row["dgp"], row.get("pixel-lowdose"), row.get("pixel-fixed-probe"), row.get("default")):
+            r = m and m.get("info_readings")
+            cells.append("—" if not r or not r["n"] else f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]")
+        lines.append(f"| {row['data']} | " + " | ".join(cells) + f" | {f(row.get('truth_info_A', np.nan), '.2f')} |")
     lines += ["", "| data | stage | DGP s/iter | pixel twin s/iter | overhead |", "|---|---|---|---|---|"]
     for row in rows:
         px = row.get("pixel-lowdose")
@@ -286,13 +318,59 @@ def figure(rows, curves, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def spectra_figure(rows, curves, images, path: Path) -> None:
+    """Per dataset: SSIM and information limit against wall seconds, and the radial power spectra
+    (÷ each image's noise floor) of the DGP plan's phase and the pixel twin's at equal iterations
+    and equal time, with the limit's threshold (1 + snr = 2) and the floor band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptycore.metrics import FLOOR_BAND, information_limit
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 4.0 * len(rows)), squeeze=False)
+    for (a_ssim, a_info, a_spec), row, runs, imgs in zip(axes, rows, curves, images, strict=True):
+        for method, r in runs.items():
+            p = np.asarray(r["points"], float)
+            a_ssim.plot(p[:, 0], p[:, 2], label=method)
+            a_info.plot(p[:, 0], p[:, 3], label=method)
+        for ax, ylabel in ((a_ssim, "depth-summed phase SSIM"), (a_info, "information limit (Å), lower = finer")):
+            ax.axvline(row["dgp"]["seconds"], color="0.6", lw=0.8)
+            ax.set_xlabel("wall seconds")
+            ax.set_ylabel(ylabel)
+            ax.set_title(row["data"], fontsize=8)
+            ax.legend(fontsize=7)
+        for label, (method, key) in {"DGP": ("dgp-lowdose", "nominal"),
+                                     "pixel twin, equal it": ("pixel-lowdose", "nominal"),
+                                     "pixel twin, equal time": ("pixel-lowdose", "equal_time"),
+                                     "fixed-probe twin, equal it": ("pixel-fixed-probe", "nominal")}.items():
+            img = imgs.get(method, {})
+            if key not in img:
+                continue
+            info = information_limit(img[key], float(img["pixel_A"]))
+            spec = info.spectrum
+            a_spec.semilogy(spec.k_invA[1:], spec.power[1:] / info.floor, label=f"{label}: {info.limit_A:.2f} Å")
+            a_spec.axvline(1 / info.limit_A, color=a_spec.lines[-1].get_color(), lw=0.8, ls=":")
+        if a_spec.lines:
+            kn = 0.5 / float(next(iter(imgs.values()))["pixel_A"])
+            a_spec.axhline(2.0, color="k", lw=0.8)
+            a_spec.axvspan(FLOOR_BAND[0] * kn, kn, color="0.9")
+            a_spec.set_xlabel("k (Å⁻¹)")
+            a_spec.set_ylabel("ring power / noise floor")
+            a_spec.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, nargs="+", default=[2])
     ap.add_argument("--dose", type=float, nargs="+", default=[1e5, 1e4, 1e3, 1e2])
     ap.add_argument("--scan", type=int, default=16, help="scan positions per side (default 16)")
     ap.add_argument("--scan-step-A", type=float, default=0.4,
-                    help="scan step (Å); the information limit's rings are 1 / (scanned field + 1 Å) apart")
+                    help="scan step (Å); the information limit's rings are 1 / ((scan - 1) × step - 1 Å) apart")
     ap.add_argument("--detector-px", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated Poisson noise")
     ap.add_argument("--kv", type=float, default=300, help="beam energy (200: 24 mrad convergence, as bench/plans.py)")
@@ -324,15 +402,16 @@ def main(argv=None) -> int:
     if args.demo or args.demo_only:
         sets.append((DEMO["cells"], DEMO["dose"], DEMO["scan"], DEMO["detector_px"], DEMO["seed"]))
     tag = args.dgp_plan.stem + ("" if args.network is None else "-L{}F{}".format(*args.network))
-    rows, curves = [], []
+    rows, curves, images = [], [], []
     for cells, dose, scan, px, seed in sets:
         demo = (cells, dose, scan, px, seed) == tuple(DEMO.values())
         geometry = (300, 150, 0.4) if demo else (args.kv, args.defocus_A, args.scan_step_A)
         d = dataset(args.out, cells, dose, scan, px, seed, *geometry)
-        runs = {}
+        runs, saved = {}, {}
         for method in args.methods:
             label = {"dgp-lowdose": tag}.get(method, method)  # the plan's hash: a changed plan runs again
             cache = d / f"{label}-{methods[method][0].hash()[7:15]}-x{methods[method][1]:g}-every{args.every}.json"
+            saved[method] = cache.with_suffix(".npz")
             if cache.exists():
                 runs[method] = json.loads(cache.read_text())
             else:
@@ -352,7 +431,9 @@ def main(argv=None) -> int:
             name += f", {args.kv:g} kV, {args.defocus_A:g} Å defocus, seed {seed}"
         if args.network is not None:
             name += ", DGP {} levels/{} filters".format(*args.network)
+        images.append({m: dict(np.load(p)) for m, p in saved.items() if p.exists()})
         row = summarise(name, runs)
+        row["truth_info_A"] = truth_information_limit(d)
         row["dose"], row["cells"], row["demo"] = dose, cells, demo
         rows.append(row)
         curves.append(runs)
@@ -362,6 +443,8 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
     figure(rows, curves, args.out / f"{stem}.png")
+    if any(images):
+        spectra_figure(rows, curves, images, args.out / f"{stem}-spectra.png")
     return 0
 
 
