@@ -350,6 +350,7 @@ def spectra_figure(rows, curves, images, path: Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_title(row["data"], fontsize=8)
             ax.legend(fontsize=7)
+        a_info.set_ylim(top=min(a_info.get_ylim()[1], 2.0))  # a flat phase reads the first ring (~the field)
         for label, (method, key) in {"DGP": ("dgp-lowdose", "nominal"),
                                      "pixel twin, equal it": ("pixel-lowdose", "nominal"),
                                      "pixel twin, equal time": ("pixel-lowdose", "equal_time"),
