@@ -30,7 +30,16 @@ run is cached there (``<dataset>/<method>-<plan hash>-....json``: a changed plan
     python bench/dgp_dose.py --cells 2 8 --dose 1e3 --scan 16 --detector-px 48
     python bench/dgp_dose.py --demo                            # also the `make demo` low-dose set
     python bench/dgp_dose.py --demo-only                       # only that set
+    python bench/dgp_dose.py --network 2 8 --dose 1e4 1e3 1e2 --scan 20 --scan-step-A 1.0   # an 18 Å field
     python bench/dgp_dose.py --from-json results/bench/dgp-dose/dgp_dose.json   # tables + figure only
+
+The information limit's rings are 1 / (evaluated field) apart: the field is the scanned area
+less the 0.5 Å margin on each side, (scan - 1) × step - 1 Å, so 5 Å on a 16×16 scan at 0.4 Å
+(0.2 Å⁻¹ rings, 20 % steps near 1 Å; 12-15 pixels, which also makes SSIM a handful of 7-pixel
+windows) and 18 Å on 20×20 at 1 Å (0.056 Å⁻¹, 5.6 %). A scan step of 1 Å keeps a linear overlap
+of 1 - step / probe diameter ≈ 0.87 at 150 Å defocus; at a fixed dose per area it puts 6× the
+counts of a 0.4 Å step in each pattern. ``*-spectra.png`` shows each method's SSIM and limit
+against seconds and the ring power of its phase over the noise floor.
 
 Timings vary ±35 % between runs on a shared machine: compare methods within one run.
 """
@@ -56,11 +65,13 @@ DEMO = {"cells": 2, "dose": 1e4, "scan": 20, "detector_px": 48, "seed": 2}
 
 
 def dataset(out: Path, cells: int, dose: float, scan: int, detector_px: int, seed: int, kv: float = 300,
-            defocus_A: float = 150) -> Path:
+            defocus_A: float = 150, step_A: float = 0.4) -> Path:
     """The simulated set (cached in ``out``); kV other than 300 with the convergence of bench/plans.py."""
-    other = ("" if kv == 300 else f"-{kv:g}kv") + ("" if defocus_A == 150 else f"-df{defocus_A:g}")
+    other = (("" if kv == 300 else f"-{kv:g}kv") + ("" if defocus_A == 150 else f"-df{defocus_A:g}")
+             + ("" if step_A == 0.4 else f"-step{step_A:g}"))
     d = out / f"sto-{cells}uc-{dose:.0e}-scan{scan}-px{detector_px}-seed{seed}{other}"
     return prepare(d, ["--cells-z", str(cells), "--dose", str(dose), "--scan-shape", str(scan), str(scan),
+                       "--scan-step-A", str(step_A),
                        "--detector-px", str(detector_px), "--seed", str(seed), "--energy-kv", str(kv),
                        "--convergence-mrad", str(CONVERGENCE_MRAD.get(int(kv), 21.4)), "--defocus-A", str(defocus_A)])
 
@@ -100,9 +111,11 @@ def plans(pixel_extend: float, dgp_plan: Path, network: tuple[int, int] | None =
             "default": (load_plan(ROOT / "config/plans/default.yaml"), pixel_extend)}
 
 
-def curve(plan, extend: float, d: Path, every: int) -> dict:
+def curve(plan, extend: float, d: Path, every: int, seconds: float | None = None) -> dict:
     """Run ``plan`` (its last stage ``extend`` × longer) from ``d``'s init: points (seconds,
-    iteration, SSIM, information limit Å), the nominal iterations and the s/iter per stage."""
+    iteration, SSIM, information limit Å), the nominal iterations, the s/iter per stage and the
+    images (depth-summed phase over the scanned area) at the nominal iterations, at the last
+    reading at or before ``seconds`` (the DGP plan's time) and at the end."""
     from ptycore.errors import InvalidData
     from ptycore.evaluate import DEFAULT_MARGIN_A, Reconstruction, compare_with_truth, crop_scanned, load_reconstruction
     from ptycore.metrics import information_limit
@@ -118,7 +131,7 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
     nominal = sum(s.iterations for s in plan.stages)
     last = plan.stages[-1]
     stages = list(plan.stages[:-1]) + [last.model_copy(update={"iterations": int(round(last.iterations * extend))})]
-    points, s_per_iter, pretrain = [], {}, {}
+    points, s_per_iter, pretrain, images = [], {}, {}, {}
     clock = {"start": time.perf_counter(), "observer": 0.0, "done": 0}
 
     def measure(st, pixel_A):
@@ -130,7 +143,7 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
             ssim = float("nan")
         scanned, _, _ = crop_scanned(rec, rec.phase_sum, DEFAULT_MARGIN_A)
         info = information_limit(scanned, pixel_A).limit_A if np.ptp(scanned) > 0 else float("nan")
-        return ssim, info
+        return ssim, info, scanned
 
     for index, stage in enumerate(stages):
         pixel = measurement.pixel_size_A * measurement.detector_shape[0] / (stage.resample.detector_px
@@ -141,7 +154,13 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
             n = clock["done"] + it + 1
             if (it + 1) % every == 0 or it + 1 == stage.iterations or n == nominal:
                 wall = t0 - clock["start"] - clock["observer"]
-                points.append((wall, n, *measure(st, pixel)))
+                ssim, info, scanned = measure(st, pixel)
+                points.append((wall, n, ssim, info))
+                images["last"], images["pixel_A"] = scanned, pixel
+                if n == nominal:
+                    images["nominal"] = scanned
+                if seconds is not None and wall <= seconds:
+                    images["equal_time"] = scanned
                 print(f"  {d.name} {plan.name} {stage.name} it {n}: {wall:.0f} s, SSIM {points[-1][2]:.3f}",
                       file=sys.stderr, flush=True)
             clock["observer"] += time.perf_counter() - t0
@@ -152,7 +171,8 @@ def curve(plan, extend: float, d: Path, every: int) -> dict:
         s = record.history.get("s_per_iter", [])
         s_per_iter[stage.name] = float(np.median(s[1:] if len(s) > 1 else s))
         pretrain.update({f"{stage.name}/{k}": [v[0], v[-1]] for k, v in (record.pretrain or {}).items() if v})
-    return {"points": points, "nominal_iterations": nominal, "s_per_iter": s_per_iter, "pretrain": pretrain}
+    return {"points": points, "nominal_iterations": nominal, "s_per_iter": s_per_iter, "pretrain": pretrain,
+            "images": images}
 
 
 def at(points, *, iteration=None, seconds=None):
@@ -168,12 +188,35 @@ def at(points, *, iteration=None, seconds=None):
 PIXEL_METHODS = ("pixel-lowdose", "pixel-fixed-probe", "default")
 
 
+def info_readings(points, iterations: int) -> dict:
+    """Median, min and max of the information-limit readings in the second half of ``iterations``
+    (one reading flips between neighbouring reflection shells when a shell's power is near the
+    threshold; the median of ~8 readings does not)."""
+    v = np.asarray([p[3] for p in points if iterations / 2 < p[1] <= iterations and np.isfinite(p[3])], float)
+    if not len(v):
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def truth_information_limit(d: Path) -> float:
+    """The information limit of the noise-free truth's depth-summed phase over the scanned area:
+    the finest a reconstruction can read on this field (its floor band holds the crystal's own
+    outer reflections, not noise)."""
+    from ptycore.evaluate import DEFAULT_MARGIN_A, crop_scanned, load_reconstruction
+    from ptycore.metrics import information_limit
+
+    truth = load_reconstruction(d / "sim/truth.zarr", role="truth")
+    scanned, _, _ = crop_scanned(truth, truth.phase_sum, DEFAULT_MARGIN_A)
+    return float(information_limit(scanned, truth.pixel_size_A).limit_A)
+
+
 def summarise(name: str, runs: dict) -> dict:
     dgp = runs["dgp-lowdose"]
     d_point = at(dgp["points"], iteration=dgp["nominal_iterations"])[0]
     row = {"data": name, "dgp": {"ssim": d_point[2], "info_A": d_point[3], "seconds": d_point[0],
                                  "iterations": d_point[1], "s_per_iter": dgp["s_per_iter"],
-                                 "pretrain": dgp["pretrain"]}}
+                                 "pretrain": dgp["pretrain"],
+                                 "info_readings": info_readings(dgp["points"], dgp["nominal_iterations"])}}
     for method in PIXEL_METHODS:
         if method not in runs:
             continue
@@ -186,6 +229,7 @@ def summarise(name: str, runs: dict) -> dict:
                        "equal_time": {"ssim": p_t[2], "info_A": p_t[3], "seconds": p_t[0], "iterations": p_t[1],
                                       "curve_ended_early": short},
                        "best": {"ssim": float(np.nanmax([p[2] for p in r["points"]]))},
+                       "info_readings": info_readings(r["points"], iters),
                        "s_per_iter": r["s_per_iter"]}
     return row
 
@@ -217,6 +261,14 @@ def tables(rows) -> str:
             f"{cell(fx, 'equal_iterations')} / {cell(fx, 'equal_time')} | "
             f"{fx and f(fx['equal_iterations']['info_A'], '.2f')} / {fx and f(fx['equal_time']['info_A'], '.2f')} | "
             f"{g['seconds']:.0f} | {'yes' if goal else 'no'} |")
+    lines += ["", "| data | information limit Å, median [min–max] of the readings in the 2nd half of the iterations: "
+              "DGP | pixel twin | fixed-probe twin | default | truth |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = []
+        for m in (row["dgp"], row.get("pixel-lowdose"), row.get("pixel-fixed-probe"), row.get("default")):
+            r = m and m.get("info_readings")
+            cells.append("—" if not r or not r["n"] else f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]")
+        lines.append(f"| {row['data']} | " + " | ".join(cells) + f" | {f(row.get('truth_info_A', np.nan), '.2f')} |")
     lines += ["", "| data | stage | DGP s/iter | pixel twin s/iter | overhead |", "|---|---|---|---|---|"]
     for row in rows:
         px = row.get("pixel-lowdose")
@@ -275,11 +327,60 @@ def figure(rows, curves, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def spectra_figure(rows, curves, images, path: Path) -> None:
+    """Per dataset: SSIM and information limit against wall seconds, and the radial power spectra
+    (÷ each image's noise floor) of the DGP plan's phase and the pixel twin's at equal iterations
+    and equal time, with the limit's threshold (1 + snr = 2) and the floor band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptycore.metrics import FLOOR_BAND, information_limit
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 4.0 * len(rows)), squeeze=False)
+    for (a_ssim, a_info, a_spec), row, runs, imgs in zip(axes, rows, curves, images, strict=True):
+        for method, r in runs.items():
+            p = np.asarray(r["points"], float)
+            a_ssim.plot(p[:, 0], p[:, 2], label=method)
+            a_info.plot(p[:, 0], p[:, 3], label=method)
+        for ax, ylabel in ((a_ssim, "depth-summed phase SSIM"), (a_info, "information limit (Å), lower = finer")):
+            ax.axvline(row["dgp"]["seconds"], color="0.6", lw=0.8)
+            ax.set_xlabel("wall seconds")
+            ax.set_ylabel(ylabel)
+            ax.set_title(row["data"], fontsize=8)
+            ax.legend(fontsize=7)
+        a_info.set_ylim(top=min(a_info.get_ylim()[1], 2.0))  # a flat phase reads the first ring (~the field)
+        for label, (method, key) in {"DGP": ("dgp-lowdose", "nominal"),
+                                     "pixel twin, equal it": ("pixel-lowdose", "nominal"),
+                                     "pixel twin, equal time": ("pixel-lowdose", "equal_time"),
+                                     "fixed-probe twin, equal it": ("pixel-fixed-probe", "nominal")}.items():
+            img = imgs.get(method, {})
+            if key not in img:
+                continue
+            info = information_limit(img[key], float(img["pixel_A"]))
+            spec = info.spectrum
+            a_spec.semilogy(spec.k_invA[1:], spec.power[1:] / info.floor, label=f"{label}: {info.limit_A:.2f} Å")
+            a_spec.axvline(1 / info.limit_A, color=a_spec.lines[-1].get_color(), lw=0.8, ls=":")
+        if a_spec.lines:
+            kn = 0.5 / float(next(iter(imgs.values()))["pixel_A"])
+            a_spec.axhline(2.0, color="k", lw=0.8)
+            a_spec.axvspan(FLOOR_BAND[0] * kn, kn, color="0.9")
+            a_spec.set_xlabel("k (Å⁻¹)")
+            a_spec.set_ylabel("ring power / noise floor")
+            a_spec.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, nargs="+", default=[2])
     ap.add_argument("--dose", type=float, nargs="+", default=[1e5, 1e4, 1e3, 1e2])
     ap.add_argument("--scan", type=int, default=16, help="scan positions per side (default 16)")
+    ap.add_argument("--scan-step-A", type=float, default=0.4,
+                    help="scan step (Å); the information limit's rings are 1 / ((scan - 1) × step - 1 Å) apart")
     ap.add_argument("--detector-px", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated Poisson noise")
     ap.add_argument("--kv", type=float, default=300, help="beam energy (200: 24 mrad convergence, as bench/plans.py)")
@@ -295,12 +396,19 @@ def main(argv=None) -> int:
                     help="the pixel methods' last stage runs this many times longer (for the equal-time reading)")
     ap.add_argument("--every", type=int, default=10, help="SSIM every N iterations")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench/dgp-dose")
-    ap.add_argument("--from-json", type=Path, help="only tabulate and plot an earlier run's dgp_dose.json")
+    ap.add_argument("--from-json", type=Path, nargs="+",
+                    help="only tabulate and plot earlier runs' dgp_dose.json (several: one table and figure, in --out)")
     args = ap.parse_args(argv)
     if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        print(tables(saved["rows"]))
-        figure(saved["rows"], saved["curves"], args.from_json.with_suffix(".png"))
+        saved = [json.loads(p.read_text()) for p in args.from_json]
+        rows = [r for s in saved for r in s["rows"]]
+        curves = [c for s in saved for c in s["curves"]]
+        images = [{m: dict(np.load(p)) for m, p in r.get("images", {}).items() if Path(p).exists()} for r in rows]
+        stem = args.from_json[0].with_suffix("") if len(saved) == 1 else args.out / "dgp_dose-combined"
+        print(tables(rows))
+        figure(rows, curves, stem.with_suffix(".png"))
+        if any(images):
+            spectra_figure(rows, curves, images, Path(f"{stem}-spectra.png"))
         return 0
     if "dgp-lowdose" not in args.methods:
         raise SystemExit("--methods must include dgp-lowdose (the others are read at its iterations and time)")
@@ -311,28 +419,39 @@ def main(argv=None) -> int:
     if args.demo or args.demo_only:
         sets.append((DEMO["cells"], DEMO["dose"], DEMO["scan"], DEMO["detector_px"], DEMO["seed"]))
     tag = args.dgp_plan.stem + ("" if args.network is None else "-L{}F{}".format(*args.network))
-    rows, curves = [], []
+    rows, curves, images = [], [], []
     for cells, dose, scan, px, seed in sets:
         demo = (cells, dose, scan, px, seed) == tuple(DEMO.values())
-        d = dataset(args.out, cells, dose, scan, px, seed, *((300, 150) if demo else (args.kv, args.defocus_A)))
-        runs = {}
+        geometry = (300, 150, 0.4) if demo else (args.kv, args.defocus_A, args.scan_step_A)
+        d = dataset(args.out, cells, dose, scan, px, seed, *geometry)
+        runs, saved = {}, {}
         for method in args.methods:
             label = {"dgp-lowdose": tag}.get(method, method)  # the plan's hash: a changed plan runs again
             cache = d / f"{label}-{methods[method][0].hash()[7:15]}-x{methods[method][1]:g}-every{args.every}.json"
+            saved[method] = cache.with_suffix(".npz")
             if cache.exists():
                 runs[method] = json.loads(cache.read_text())
             else:
                 t0 = time.perf_counter()
-                runs[method] = curve(*methods[method], d, args.every)
+                dgp = runs.get("dgp-lowdose")
+                seconds = at(dgp["points"], iteration=dgp["nominal_iterations"])[0][0] if dgp else None
+                runs[method] = curve(*methods[method], d, args.every, seconds)
+                # the depth-summed phase over the scanned area at the nominal iterations and at the end
+                np.savez(cache.with_suffix(".npz"), **runs[method].pop("images"))
                 cache.write_text(json.dumps(runs[method]))
                 print(f"{d.name} {method}: SSIM {runs[method]['points'][-1][2]:.3f} "
                       f"({time.perf_counter() - t0:.0f} s with evaluation)", file=sys.stderr, flush=True)
         name = f"{cells} u.c., {dose:.0e} e/Å², {scan}×{scan}, {px} px" + (", seed 2 (demo)" if demo else "")
+        if not demo and args.scan_step_A != 0.4:
+            name += f", step {args.scan_step_A:g} Å"
         if not demo and (args.kv != 300 or args.defocus_A != 150 or args.seed != 0):
             name += f", {args.kv:g} kV, {args.defocus_A:g} Å defocus, seed {seed}"
         if args.network is not None:
             name += ", DGP {} levels/{} filters".format(*args.network)
+        images.append({m: dict(np.load(p)) for m, p in saved.items() if p.exists()})
         row = summarise(name, runs)
+        row["truth_info_A"] = truth_information_limit(d)
+        row["images"] = {m: str(p) for m, p in saved.items() if p.exists()}
         row["dose"], row["cells"], row["demo"] = dose, cells, demo
         rows.append(row)
         curves.append(runs)
@@ -342,6 +461,8 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1))
     figure(rows, curves, args.out / f"{stem}.png")
+    if any(images):
+        spectra_figure(rows, curves, images, args.out / f"{stem}-spectra.png")
     return 0
 
 
