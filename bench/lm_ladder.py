@@ -15,6 +15,8 @@ Methods (the shipped plans; the warm start of ``lm-multislice`` is counted in it
 - ``gradient``: ``multislice-study`` (Adam, 4 Å slices, 200 iterations);
 - ``lsqml``: LSQML on the same 4 Å slices (``lsqml-multislice`` below, 60 iterations);
 - ``lm``: ``lm-multislice`` (the default plan's ePIE single-slice start, then 8 LM steps);
+- ``lm-then-gradient``: the same ePIE start, 2 LM steps, then an 80-iteration gradient polish with
+  ``multislice-study``'s regularisers at 0.3x its Adam steps;
 - ``default``: the shipped adaptive plan, resolved against each set's metadata as
   ``ptycore reconstruct`` resolves it (ePIE single-slice start, then gradient multislice);
 - any other name: a plan YAML path (``path/to/x.yaml``, shown as ``x``), e.g. an LM recipe under test.
@@ -147,8 +149,6 @@ def plot(results, path):
     print(f"wrote {path}", file=sys.stderr)
 
 
-
-
 def is_second_order(method: str) -> bool:
     return method == "lm" or method.startswith("lm-") or method.startswith("lm_")
 
@@ -189,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--convergence-mrad", type=float, default=21.4)
     ap.add_argument("--every", type=int, default=10, help="SSIM every N iterations (every LM step)")
     ap.add_argument("--methods", nargs="+", default=["gradient", "lsqml", "lm", "default"],
-                    help="gradient, lsqml, lm, default, or plan YAML paths (an lm recipe's file name starts lm-)")
+                    help="gradient, lsqml, lm, lm-then-gradient, default, or plan YAML paths (an lm recipe's file name starts lm-)")
     ap.add_argument("--append", action="store_true", help="add to (replace methods in) --out's ladder.json")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench/lm-ladder")
     ap.add_argument("--from-json", type=Path, help="only tabulate and plot an earlier run's ladder.json")
@@ -205,11 +205,12 @@ def main(argv=None):
     plans = {"gradient": load_plan(ROOT / "config/plans/multislice-study.yaml"),
              "lsqml": parse_plan(LSQML_PLAN, "lsqml-multislice"),
              "lm": load_plan(ROOT / "config/plans/lm-multislice.yaml"),
+             "lm-then-gradient": load_plan(ROOT / "config/plans/lm-then-gradient.yaml"),
              "default": load_plan(ROOT / "config/plans/default.yaml")}
     for method in args.methods:
         if method not in plans:
             plans[Path(method).stem] = load_plan(Path(method))
-    names = [m if m in ("gradient", "lsqml", "lm", "default") else Path(m).stem for m in args.methods]
+    names = [m if m in plans and not m.endswith(".yaml") else Path(m).stem for m in args.methods]
     store = args.out / "ladder.json"
     results = {}
     if args.append and store.exists():

@@ -40,6 +40,7 @@ import contextlib
 import math
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -296,8 +297,14 @@ def ingest(patterns: str | Path, meta_path: str | Path | None, out: str | Path, 
                 (s,) for s in det_shape), meta=np.empty((0, 0, 0), np.float32))
             stored = da.store(oriented, target, lock=False, compute=False)
             totals = oriented.sum(axis=(1, 2), dtype=np.float64)
-            _, totals, low, high = dask.compute(stored, totals, oriented.min(), oriented.max(),
-                                                scheduler="threads", num_workers=workers)
+            # our own pool, joined before atomic_output removes the partial store on an error: dask
+            # raises at the first bad chunk while other chunks are still being written
+            pool = ThreadPoolExecutor(workers)
+            try:
+                _, totals, low, high = dask.compute(stored, totals, oriented.min(), oriented.max(),
+                                                    scheduler="threads", pool=pool)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
             write_array(group, "positions_A", positions, attrs={
                 "units": "Å", "axes": "n_pos (index iy * nx + ix), (y, x)",
                 "frame": "nominal scan: scan index (0, 0) at (0, 0) Å, rotated by scan_rotation_deg"})
