@@ -23,6 +23,20 @@ def test_multislice_study_plan():
     assert {k: v.weight.at(0) for k, v in stage.losses.items()} == {"single": 1.0, "pacbed": 0.5, "sparse": 0.1}
 
 
+def test_lm_then_gradient_plan():
+    """ePIE single-slice start, a couple of LM steps on ~4 Å slices, then multislice-study's
+    regularised gradient refinement at 0.3x its Adam steps (a polish, not a restart)."""
+    root = Path(__file__).parent.parent / "config/plans"
+    plan = load_plan(root / "lm-then-gradient.yaml")
+    study = load_plan(root / "multislice-study.yaml").stages[0]
+    start, lm, polish = plan.stages
+    assert (start.engine, lm.engine, polish.engine) == ("epie", "lm", "gradient")
+    assert lm.iterations <= 3 and lm.resample.slice_thickness_A == 4.0
+    assert set(polish.losses) == set(study.losses) and polish.constraints == study.constraints
+    for name, opt in polish.optimize.items():
+        assert opt.lr.at(0) == pytest.approx(0.3 * study.optimize[name].lr.at(0)), name
+
+
 def test_weight_schedules():
     assert Schedule(schedule="linear", start=0, end=1, from_iter=10, to_iter=20).at(15) == pytest.approx(0.5)
     assert Schedule(schedule="step", start=0, end=2, at_iter=5).at(4) == 0 and Schedule(
