@@ -24,7 +24,7 @@ Methods (the shipped plans; the warm start of ``lm-multislice`` is counted in it
 A method whose plan has an ``lm`` stage counts as second-order; the others are first-order, and
 the table's target is the best first-order method's final SSIM in the same run.
 
-    python bench/lm_ladder.py                       # 4 6 8 12 unit cells, 16x16 scan
+    python bench/lm_ladder.py                       # 4 6 8 12 unit cells, 16x16 scan, every method
     python bench/lm_ladder.py --cells 4 6 --scan 16 --out results/bench/lm-ladder
     python bench/lm_ladder.py --cells 4 --methods my-lm.yaml --append   # add a curve to ladder.json
 
@@ -130,13 +130,16 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 6.5), squeeze=False)
-    values = [p[2] for by_method in results.values() for points in by_method.values() for p in points]
-    lowest = max(0.0, np.floor(20 * (np.nanmin(values) - 0.02)) / 20)  # the curves' range, from a 0.05 step
+    methods = list(dict.fromkeys(m for by_method in results.values() for m in by_method))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour a method in every column
     for col, (cells, by_method) in enumerate(results.items()):
+        values = [p[2] for points in by_method.values() for p in points]
+        # this thickness's range from a 0.05 step (a thin set's curves are not squashed by a thick one's)
+        lowest = max(0.0, np.floor(20 * (np.nanmin(values) - 0.02)) / 20)
         for method, points in by_method.items():
             p = np.asarray(points)
-            axes[0, col].plot(p[:, 0], p[:, 2], label=method)
-            axes[1, col].plot(p[:, 1], p[:, 2], label=method)
+            axes[0, col].plot(p[:, 0], p[:, 2], label=method, color=colour[method])
+            axes[1, col].plot(p[:, 1], p[:, 2], label=method, color=colour[method])
         axes[0, col].set_title(f"SrTiO3 {cells} u.c.")
         axes[0, col].set_xlabel("seconds")
         axes[1, col].set_xlabel("gradient-equivalents")
@@ -188,8 +191,9 @@ def main(argv=None):
     ap.add_argument("--energy-kv", type=float, default=300.0)
     ap.add_argument("--convergence-mrad", type=float, default=21.4)
     ap.add_argument("--every", type=int, default=10, help="SSIM every N iterations (every LM step)")
-    ap.add_argument("--methods", nargs="+", default=["gradient", "lsqml", "lm", "default"],
-                    help="gradient, lsqml, lm, lm-then-gradient, default, or plan YAML paths (an lm recipe's file name starts lm-)")
+    ap.add_argument("--methods", nargs="+", default=["gradient", "lsqml", "lm", "lm-then-gradient", "default"],
+                    help="gradient, lsqml, lm, lm-then-gradient, default, or plan YAML paths "
+                         "(an lm recipe's file name starts lm-)")
     ap.add_argument("--append", action="store_true", help="add to (replace methods in) --out's ladder.json")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench/lm-ladder")
     ap.add_argument("--from-json", type=Path, help="only tabulate and plot an earlier run's ladder.json")
