@@ -18,6 +18,12 @@ N_DEVICES = 4
 #: rounding of sums taken in another order, grown over a few iterations (Adam's normalised steps
 #: amplify it most; measured 3e-5 on 2 devices for the gradient case)
 STATE_RTOL = 2e-4
+#: the same for an Adam stage on 4 devices: Adam divides by sqrt(v) + eps, so on pixels whose
+#: gradient is near eps (the unlit padding) a rounding-level change of the gradient moves the step
+#: by a visible fraction of it (measured 3.6e-4 of the phase's largest value on 4 devices on a
+#: 2-core CPU, 2026-12-02, with the final loss equal to 8 digits). A missing all-reduce
+#: of one device's sums differs by O(1).
+STATE_RTOL_ADAM = 1e-3
 #: largest relative difference of a reported loss per iteration
 HISTORY_RTOL = 2e-4
 
@@ -55,8 +61,9 @@ def test_runs_on_the_virtual_devices(results):
 @pytest.mark.parametrize("name", ["gradient", "gradient_poisson", "epie", "lsqml", "lsqml_poisson", "lm"])
 def test_engine_on_n_devices_matches_one(results, name):
     r = results[name]
+    rtol = STATE_RTOL_ADAM if name == "gradient" else STATE_RTOL
     for array, diff in r["state"].items():
-        assert diff < STATE_RTOL, f"{name}: {array} differs by {diff:.3g} (relative) on {N_DEVICES} devices"
+        assert diff < rtol, f"{name}: {array} differs by {diff:.3g} (relative) on {N_DEVICES} devices"
     for term, diff in r["history"].items():
         assert diff < HISTORY_RTOL, f"{name}: history {term} differs by {diff:.3g} on {N_DEVICES} devices"
     assert r["compilations"] == [1, 1]  # one compiled iteration on N devices too
