@@ -33,8 +33,10 @@ Alignment with the truth (``truth.zarr`` from ``ptycore simulate``, or any store
    ``phase_cross_correlation``, 1/50-pixel precision), re-sampling the truth at the shifted points
    and repeating until the correction is below 1/100 pixel (at most 8 times; the windowed
    correlation underestimates a shift, so one pass is not enough). The truth is interpolated once
-   per pass from its own grid, never twice. ``registration_shift_A`` is that shift: result
-   feature at ``x`` ↔ truth at ``x - d - shift``.
+   per pass from its own grid, never twice. A step that would take the compared area off the
+   truth's field is not taken (a poor reconstruction of a crystal correlates at many lattice
+   shifts): the metrics are those at the last shift inside it, with a warning.
+   ``registration_shift_A`` is that shift: result feature at ``x`` ↔ truth at ``x - d - shift``.
 4. Offset. The constant phase offset is removed (``phase_offset_rad`` = mean result - mean truth).
 5. Slices. Per-slice metrics use the same map. If the slice counts differ, the result's slices
    are remapped to the truth's count over the same depth, conserving the total phase at every
@@ -399,6 +401,12 @@ def compare_with_truth(rec: Reconstruction, truth: Reconstruction, margin_A: flo
         if not covers(truth_sum_full.shape, pt, ty, tx):
             break
         step = register(result_sum, sample(truth_sum_full, pt, ty, tx)) * pc
+        if not covers(truth_sum_full.shape, pt, ty - step[0], tx - step[1]):
+            # a poor reconstruction of a crystal correlates with the truth at many lattice shifts:
+            # a step off the truth's field is not a better match to measure, so stop where it was
+            warnings.append(f"registration stopped at the truth's edge (it asked for a further "
+                            f"{step.round(3).tolist()} Å): the result may not be the truth's structure")
+            break
         shift = shift + step
         if np.hypot(*step) < 0.01 * pc:
             break

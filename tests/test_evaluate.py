@@ -141,6 +141,20 @@ def test_shifted_offset_copy_of_the_truth_scores_ssim_near_one(tmp_path, stores,
     assert min(m["compared_shape"]) >= 16
 
 
+def test_registration_does_not_step_off_the_truth_field(stores, monkeypatch):
+    """A poor reconstruction of a crystal correlates with the truth at many lattice shifts: a
+    registration step that would leave the truth's field is not taken (metrics at the last shift
+    inside it, with a warning), where it used to make ``evaluate`` fail on a covered scan."""
+    import ptycore.evaluate as ev
+
+    steps = iter([np.array([2.0, -1.0]), np.array([400.0, 0.0])])  # pixels: the second walks off
+    monkeypatch.setattr(ev, "register", lambda reference, moving: next(steps))
+    c = compare_with_truth(load_reconstruction(stores["wrong"]), load_reconstruction(stores["truth"]), 0.5)
+    np.testing.assert_allclose(c.metrics["registration_shift_A"], np.array([2.0, -1.0]) * 0.25)
+    assert any("registration stopped at the truth's edge" in w for w in c.warnings), c.warnings
+    assert np.isfinite(c.metrics["ssim_phase_sum"])
+
+
 def test_registration_finds_no_shift_where_there_is_none_and_matters(tmp_path, stores):
     result = write_result(tmp_path / "r.zarr", shift_A=(0.0, 0.0))
     m = evaluate(result, tmp_path / "a", truth=stores["truth"], figures=False)
