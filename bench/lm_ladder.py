@@ -214,7 +214,7 @@ def main(argv=None):
     for method in args.methods:
         if method not in plans:
             plans[Path(method).stem] = load_plan(Path(method))
-    names = [m if m in plans and not m.endswith(".yaml") else Path(m).stem for m in args.methods]
+    names = [Path(m).stem if m.endswith(".yaml") else m for m in args.methods]
     store = args.out / "ladder.json"
     results = {}
     if args.append and store.exists():

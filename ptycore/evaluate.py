@@ -396,10 +396,10 @@ def compare_with_truth(rec: Reconstruction, truth: Reconstruction, margin_A: flo
     truth_sum_full = np.sum(truth_slices, axis=0)
 
     shift = np.zeros(2)
-    for _ in range(8):  # the windowed correlation is biased towards 0: iterate to the fixed point
+    # the windowed correlation is biased towards 0: iterate to the fixed point (every step taken
+    # keeps the compared area on the truth's field, so only the nominal map needs checking first)
+    for _ in range(8 if covers(truth_sum_full.shape, pt, gy - d[0], gx - d[1]) else 0):
         ty, tx = gy - d[0] - shift[0], gx - d[1] - shift[1]
-        if not covers(truth_sum_full.shape, pt, ty, tx):
-            break
         step = register(result_sum, sample(truth_sum_full, pt, ty, tx)) * pc
         if not covers(truth_sum_full.shape, pt, ty - step[0], tx - step[1]):
             # a poor reconstruction of a crystal correlates with the truth at many lattice shifts:
